@@ -1,0 +1,271 @@
+"""The pymilter adapter: translate callbacks into Transactions and Verdicts back into replies.
+
+It records what the MTA says, asks `pipeline` and `policy` at MAIL, RCPT and end of message,
+and applies the answer. It owns no policy. This is the only module that imports `Milter`.
+
+Facts it relies on (Postfix 3.7, pymilter 1.0.5): TLS and auth macros are sent at HELO/MAIL,
+never at end of message, so they are read in `envfrom`; the queue id `{i}` is only certain at
+end of message; the client address comes from `connect()`, not `{client_addr}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import ipaddress
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+import Milter
+
+from mailward import pipeline, policy
+from mailward.config import Config
+from mailward.metrics import Metrics
+from mailward.transaction import (
+    Body,
+    IPAddress,
+    Stage,
+    Tls,
+    Transaction,
+    index_headers,
+    strip_brackets,
+)
+from mailward.verdict import Action, AddHeader, ChangeHeader, CheckResult, DeleteHeader, Verdict
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# The actions we may ask of the MTA (negotiated once in `app`).
+FLAGS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE
+
+
+class Runtime(Protocol):
+    """What the adapter needs from the application: the current config and the metrics."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+
+def _guarded(stage: str) -> Callable[[F], F]:
+    """Contain any exception of a callback: count it, answer tempfail, keep serving."""
+
+    def wrap(func: F) -> F:
+        @functools.wraps(func)
+        def inner(self: MailwardMilter, *args: Any) -> Any:
+            try:
+                return func(self, *args)
+            except Exception:
+                log.exception("qid=%s unexpected error in %s", self.queue_id, stage)
+                self.runtime.metrics.errors.labels(stage=stage).inc()
+                # These callbacks may not reply (noreply): the next one that can will.
+                if stage in ("connect", "helo"):
+                    self.conn_failed = stage
+                    return Milter.CONTINUE
+                if stage in ("header", "body"):
+                    self.msg_failed = stage
+                    return Milter.CONTINUE
+                return self._reply(self.config.policy.error_reply, Milter.TEMPFAIL)
+
+        return inner  # type: ignore[return-value]
+
+    return wrap
+
+
+def _address(family: Any, hostaddr: Any) -> IPAddress | None:
+    if isinstance(hostaddr, tuple) and hostaddr:
+        try:
+            return ipaddress.ip_address(str(hostaddr[0]).split("%")[0])
+        except ValueError:
+            return None
+    return None
+
+
+@Milter.header_leading_space
+class MailwardMilter(Milter.Base):  # type: ignore[misc]
+    """One instance per MTA connection."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.config = runtime.config  # a reload applies from the next connection on
+        self.conn = Transaction(stage=Stage.CONNECT)
+        self.tx = self.conn
+        self.headers: list[tuple[str, str]] = []
+        self.body: Body | None = None
+        self.conn_failed = ""
+        self.msg_failed = ""
+        self.connected = False
+
+    @property
+    def queue_id(self) -> str:
+        return self.tx.queue_id or "-"
+
+    # -- callbacks ---------------------------------------------------------------------------
+
+    @Milter.noreply
+    @_guarded("connect")
+    def connect(self, hostname: str, family: Any, hostaddr: Any) -> int:
+        self.connected = True
+        self.runtime.metrics.connections_active.inc()
+        self.conn = Transaction(stage=Stage.CONNECT, client_ip=_address(family, hostaddr),
+                                client_name=hostname or "",
+                                daemon_name=self.getsymval("{daemon_name}") or "")
+        self.tx = self.conn
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    @_guarded("helo")
+    def hello(self, helo: str) -> int:
+        self.conn = dataclasses.replace(self.conn, helo=helo or "")
+        return Milter.CONTINUE
+
+    @_guarded("mail")
+    def envfrom(self, mail_from: str, *params: str) -> int:
+        self._reset()
+        if self.conn_failed:
+            return self._reply(self.config.policy.error_reply, Milter.TEMPFAIL)
+        version = self.getsymval("{tls_version}")
+        tls = None
+        if version:
+            tls = Tls(version=version, cipher=self.getsymval("{cipher}") or "",
+                      bits=self.getsymval("{cipher_bits}") or "")
+        self.tx = dataclasses.replace(
+            self.conn, tls=tls, auth_user=self.getsymval("{auth_authen}") or "",
+            auth_type=self.getsymval("{auth_type}") or "",
+            queue_id=self.getsymval("i") or "",
+            mail_from=strip_brackets(mail_from), mail_params=tuple(params))
+        return self._early(Stage.MAIL, self.tx)
+
+    @_guarded("rcpt")
+    def envrcpt(self, rcpt: str, *params: str) -> int:
+        candidate = dataclasses.replace(self.tx, recipients=self.tx.recipients
+                                        + (strip_brackets(rcpt),))
+        rc = self._early(Stage.RCPT, candidate)
+        if rc == Milter.CONTINUE:
+            self.tx = candidate
+        return rc
+
+    @Milter.noreply
+    @_guarded("header")
+    def header(self, name: str, value: str) -> int:
+        self.headers.append((name, value))
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    @_guarded("body")
+    def body(self, chunk: bytes) -> int:
+        if self.body is None:
+            self.body = Body(threshold=self.config.milter.spool_threshold)
+        self.body.write(chunk)
+        return Milter.CONTINUE
+
+    @_guarded("eom")
+    def eom(self) -> int:
+        try:
+            if self.msg_failed:
+                return self._reply(self.config.policy.error_reply, Milter.TEMPFAIL)
+            tx = dataclasses.replace(self.tx, headers=index_headers(self.headers),
+                                     body=self.body,
+                                     queue_id=self.getsymval("i") or self.tx.queue_id)
+            self.tx = tx
+            tx, results = pipeline.run(self.config, Stage.EOM, tx, self._observe)
+            verdict = policy.decide(results, self.config.policy)
+            self._count(results, verdict)
+            self._log(tx, verdict)
+            return self._apply(verdict)
+        finally:
+            self._reset()
+
+    def abort(self) -> int:
+        self._reset()
+        return Milter.CONTINUE
+
+    def close(self) -> int:
+        self._reset()
+        if self.connected:
+            self.runtime.metrics.connections_active.dec()
+            self.connected = False
+        return Milter.CONTINUE
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        if self.body is not None:
+            self.body.close()
+        self.body = None
+        self.headers = []
+        self.msg_failed = ""
+        self.tx = self.conn
+
+    def _observe(self, check: str, result: CheckResult, seconds: float) -> None:
+        self.runtime.metrics.check_duration.labels(check=check).observe(seconds)
+
+    def _early(self, stage: Stage, tx: Transaction) -> int:
+        """Run the checks of MAIL or RCPT; act only on a reject or tempfail."""
+        tx, results = pipeline.run(self.config, stage, tx, self._observe)
+        verdict = policy.decide(results, self.config.policy, final=False)
+        if verdict.action is Action.ACCEPT or verdict.reply is None:
+            return int(Milter.CONTINUE)
+        m = self.runtime.metrics
+        for r in results:
+            if r.check == verdict.decided_by:
+                m.check_results.labels(check=r.check, result=str(r.result)).inc()
+        if stage is Stage.RCPT:
+            m.recipients_rejected.labels(check=verdict.decided_by).inc()
+            what = f"rcpt=<{tx.recipients[-1]}>"
+        else:
+            m.messages.labels(verdict=str(verdict.action)).inc()
+            what = "message"
+        log.info("qid=%s client=%s direction=%s from=<%s> %s refused at %s by %s: %s",
+                 self.queue_id, tx.client_ip or tx.client_name, tx.direction, tx.mail_from,
+                 what, stage.name.lower(), verdict.decided_by, verdict.reply)
+        code = Milter.REJECT if verdict.action is Action.REJECT else Milter.TEMPFAIL
+        return self._reply(verdict.reply, code)
+
+    def _reply(self, reply: Any, code: int) -> int:
+        self.setreply(str(reply.code), reply.status, reply.text.replace("%", "%%"))
+        return int(code)
+
+    def _apply(self, verdict: Verdict) -> int:
+        if verdict.action in (Action.REJECT, Action.TEMPFAIL):
+            code = Milter.REJECT if verdict.action is Action.REJECT else Milter.TEMPFAIL
+            return self._reply(verdict.reply, code)
+        if verdict.action is Action.DISCARD:
+            return int(Milter.DISCARD)
+        # With SMFIP_HDR_LEADSPC negotiated the MTA adds no space after the colon itself.
+        lead = " " if self._protocol & Milter.P_HDR_LEADSPC else ""
+        for edit in verdict.edits:
+            if isinstance(edit, DeleteHeader):
+                self.chgheader(edit.name, edit.index, "")
+            elif isinstance(edit, ChangeHeader):
+                self.chgheader(edit.name, edit.index, lead + edit.value.lstrip())
+            elif isinstance(edit, AddHeader):
+                if edit.top:
+                    self.addheader(edit.name, lead + edit.value, 0)
+                else:
+                    self.addheader(edit.name, lead + edit.value)
+        if verdict.action is Action.QUARANTINE:
+            self.quarantine(verdict.quarantine_reason or "mailward")
+        return int(Milter.ACCEPT)
+
+    def _count(self, results: tuple[CheckResult, ...], verdict: Verdict) -> None:
+        m = self.runtime.metrics
+        m.messages.labels(verdict=str(verdict.action)).inc()
+        for r in results:
+            m.check_results.labels(check=r.check, result=str(r.result)).inc()
+            if r.would is not None:
+                m.monitor_actions.labels(check=r.check, action=str(r.would)).inc()
+
+    def _log(self, tx: Transaction, verdict: Verdict) -> None:
+        checks = " ".join(f"{r.check}={r.result}" + (f"(would {r.would})" if r.would else "")
+                          for r in verdict.results)
+        reply = f" reply=\"{verdict.reply}\"" if verdict.reply else ""
+        quarantine = (f" reason=\"{verdict.quarantine_reason}\""
+                      if verdict.quarantine_reason else "")
+        log.info("qid=%s client=%s direction=%s from=<%s> rcpts=%d %s verdict=%s%s%s",
+                 self.queue_id, tx.client_ip or tx.client_name or "-", tx.direction,
+                 tx.mail_from, len(tx.recipients), checks, verdict.action, reply, quarantine)

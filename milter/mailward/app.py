@@ -1,0 +1,84 @@
+"""Build everything once and run the milter: config, metrics, signals, reload.
+
+Signals (libmilter facts in DESIGN.md): HUP/TERM/INT/USR1 are blocked before any thread
+starts, so every thread inherits the mask; libmilter's own signal thread then `sigwait`s
+TERM/INT/HUP and stops gracefully, and our reload thread `sigwait`s USR1. A bad config on
+reload is logged and the running one kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import Milter
+
+from mailward import config as configmod
+from mailward.adapter import FLAGS, MailwardMilter
+from mailward.config import Config
+from mailward.errors import ConfigError, MailwardError
+from mailward.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+BLOCKED = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+
+
+class App:
+    """The running application: holds the current config; reload swaps it atomically."""
+
+    def __init__(self, path: str, *, metrics: Metrics | None = None) -> None:
+        self.path = path
+        self._config = configmod.load(path)
+        self.metrics = metrics if metrics is not None else Metrics()
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    def reload(self) -> bool:
+        """Load the config file again; keep the running config when the new one is bad."""
+        try:
+            new = configmod.load(self.path)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            self.metrics.config_reloads.labels(outcome="failed").inc()
+            return False
+        old = self._config
+        if (new.milter.socket, new.metrics.listen) != (old.milter.socket, old.metrics.listen):
+            log.warning("reload: [milter] socket and [metrics] listen take effect on restart")
+        for warning in new.warnings:
+            log.warning("%s", warning)
+        self._config = new
+        logging.getLogger().setLevel(new.milter.log_level.upper())
+        self.metrics.config_reloads.labels(outcome="ok").inc()
+        log.info("configuration reloaded from %s", self.path)
+        return True
+
+    def _reload_loop(self) -> None:
+        while True:
+            signal.sigwait({signal.SIGUSR1})
+            self.reload()
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT/SIGHUP."""
+        cfg = self._config
+        signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
+        threading.Thread(target=self._reload_loop, name="reload", daemon=True).start()
+        if cfg.metrics.listen is not None:
+            host, port = cfg.metrics.listen
+            try:
+                self.metrics.serve(host, port)
+            except OSError as exc:
+                raise MailwardError(f"[metrics] listen {host}:{port}: {exc.strerror}") from None
+            log.info("metrics on http://%s:%d/metrics", host, port)
+        Milter.factory = lambda: MailwardMilter(self)
+        Milter.set_flags(FLAGS)
+        checks = ", ".join(f"{link.name}({link.mode})" for link in cfg.chain)
+        log.info("mailward listening on %s, checks: %s", cfg.milter.socket, checks or "none")
+        try:
+            Milter.runmilter("mailward", cfg.milter.socket, timeout=int(cfg.milter.timeout))
+        except Milter.milter.error as exc:
+            raise MailwardError(f"[milter] socket {cfg.milter.socket}: {exc}") from None
+        log.info("mailward stopped")

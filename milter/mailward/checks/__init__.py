@@ -1,0 +1,17 @@
+"""The registry of checks: an explicit name → module mapping, in the default order.
+
+Each module exports `NAME`, `STAGES` (the protocol stages where it runs), a frozen `Settings`
+with `Settings.load(section)`, and `check(tx, deps, settings) -> CheckResult`. Checks never
+import each other; a check that needs another's result reads it from `deps.results`.
+"""
+
+from types import MappingProxyType
+
+from mailward.checks import authres, bcc, tls, trace
+
+CHECKS = MappingProxyType({
+    tls.NAME: tls,
+    bcc.NAME: bcc,
+    trace.NAME: trace,
+    authres.NAME: authres,
+})

@@ -1,0 +1,118 @@
+"""authres: write our one Authentication-Results field and delete forgeries of it.
+
+Every incoming `Authentication-Results` field whose authserv-id is ours (compared without case,
+and found even in malformed fields: leading comments, quoting, no `;`) is deleted, highest
+index first (RFC 8601 §5; deleting in forward order shifted the indices and left forgeries in
+place in a peer, CVE-2022-48521). Fields of other authserv-ids are kept. Then one field with our
+authserv-id and the entries of every earlier check is added at the top of the header.
+
+Values that come from the message or the SMTP session (addresses, host names) are reduced to
+printable ASCII without white space and quoted where needed, so nothing a sender writes can
+break out of the field (no header injection).
+
+Results: none = no forged field; pass = forged fields were found and are deleted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import authres
+
+from mailward.config import Section
+from mailward.deps import Deps
+from mailward.transaction import Direction, Stage, Transaction
+from mailward.verdict import AddHeader, AuthResEntry, CheckResult, DeleteHeader, Result, safe_text
+
+NAME = "authres"
+STAGES = (Stage.EOM,)
+FIELD = "Authentication-Results"
+
+_PVALUE_UNSAFE = re.compile(r"[^\x21-\x7e]")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """[check.authres]"""
+
+    directions: tuple[Direction, ...] = (Direction.INBOUND, Direction.INTERNAL,
+                                         Direction.OUTBOUND)
+
+    @classmethod
+    def load(cls, sec: Section) -> Settings:
+        def directions(raw: str) -> tuple[Direction, ...]:
+            return tuple(Direction(w) for w in re.split(r"[\s,]+", raw.lower()) if w)
+
+        return cls(directions=sec.parse("directions", cls.directions,
+                                        "a list of inbound, internal, outbound", directions))
+
+
+def _skip_cfws(s: str, i: int) -> int:
+    """Skip white space and (nested) comments from position i (RFC 5322 §3.2.2 CFWS)."""
+    depth = 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\" and depth:
+            i += 2
+            continue
+        if c == "(":
+            depth += 1
+        elif c == ")" and depth:
+            depth -= 1
+        elif not depth and not c.isspace():
+            break
+        i += 1
+    return i
+
+
+def authserv_id_of(value: str) -> str:
+    """The authserv-id a field claims, lower-cased; best effort for malformed fields."""
+    i = _skip_cfws(value, 0)
+    if value[i:i + 1] == '"':
+        out = []
+        i += 1
+        while i < len(value) and value[i] != '"':
+            if value[i] == "\\":
+                i += 1
+            out.append(value[i:i + 1])
+            i += 1
+        ident = "".join(out)
+    else:
+        m = re.match(r"[^\s;()]*", value[i:])
+        ident = m.group(0) if m else ""
+    return ident.strip().rstrip(".").lower()
+
+
+def _pvalue(value: str) -> str:
+    return _PVALUE_UNSAFE.sub("", value)[:256]
+
+
+def render(authserv_id: str, entries: tuple[AuthResEntry, ...]) -> str:
+    """The field value (without leading space), folded one result per line."""
+    if not entries:
+        return f"{authserv_id}; none"
+    parts = []
+    for e in entries:
+        props = [authres.AuthenticationResultProperty(ptype, prop, _pvalue(value))
+                 for ptype, prop, value in e.properties if _pvalue(value)]
+        result = authres.AuthenticationResult(
+            method=e.method, result=str(e.result),
+            reason=safe_text(e.reason) or None, properties=props)
+        parts.append(str(result))
+    return f"{authserv_id};\n\t" + ";\n\t".join(parts)
+
+
+def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
+    """Delete forged fields and add ours, reporting `deps.results`."""
+    ours = deps.site.authserv_id.lower()
+    forged = [h for h in tx.get_all(FIELD) if authserv_id_of(h.value) == ours]
+    edits: list[DeleteHeader | AddHeader] = [
+        DeleteHeader(h.name, h.index) for h in sorted(forged, key=lambda h: -h.index)]
+    if tx.direction in settings.directions:
+        entries = tuple(e for r in deps.results for e in r.authres)
+        edits.append(AddHeader(FIELD, render(deps.site.authserv_id, entries), top=True))
+    if forged:
+        return CheckResult(NAME, Result.PASS, edits=tuple(edits),
+                           reason=f"deleted {len(forged)} forged field(s)")
+    return CheckResult(NAME, Result.NONE, edits=tuple(edits))

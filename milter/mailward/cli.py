@@ -1,0 +1,152 @@
+"""The `mailward` command: run, check-config, scan, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from mailward import __version__
+from mailward import config as configmod
+from mailward.errors import MailwardError
+
+DEFAULT_CONFIG = "/etc/mailward/mailward.ini"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s mailward[%(process)d] %(levelname)s %(name)s: "
+                               "%(message)s")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mailward.app import App  # imports pymilter's C module: only when running
+
+    app = App(args.config)
+    _setup_logging(app.config.milter.log_level)
+    for warning in app.config.warnings:
+        logging.getLogger("mailward").warning("%s", warning)
+    app.run()
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = configmod.load(args.config)
+    sys.stdout.write(f"# {args.config}: OK\n")
+    for warning in cfg.warnings:
+        sys.stdout.write(f"# warning: {warning}\n")
+    sys.stdout.write(configmod.describe(cfg))
+    return 0
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from mailward.scan import report_dict, scan
+
+    if args.config:
+        cfg = configmod.load(args.config)
+    elif os.path.exists(DEFAULT_CONFIG):
+        cfg = configmod.load(DEFAULT_CONFIG)
+    else:
+        cfg = configmod.loads("", "<defaults>")
+    if args.file == "-":
+        raw = sys.stdin.buffer.read()
+    else:
+        with open(args.file, "rb") as fh:
+            raw = fh.read()
+    report = scan(cfg, raw, client_ip=args.client_ip, helo=args.helo,
+                  mail_from=args.mail_from, rcpts=tuple(args.rcpt or ["postmaster@localhost"]),
+                  tls_version=args.tls_version, auth_user=args.auth_user,
+                  daemon_name=args.daemon_name)
+    data = report_dict(report)
+    if args.json:
+        json.dump(data, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(format_report(data))
+    final = data["final"]
+    refused = final is None or (isinstance(final, dict) and final["action"] != "accept")
+    return 2 if refused else 0
+
+
+def format_report(data: dict[str, object]) -> str:
+    """Human-readable `scan` output."""
+    lines = [f"direction: {data['direction']}"]
+
+    def verdict(title: str, v: dict[str, object]) -> None:
+        reply = f"  {v['reply']}" if v["reply"] else ""
+        by = f"  (by {v['decided_by']})" if v["decided_by"] else ""
+        lines.append(f"{title}: {v['action']}{reply}{by}")
+
+    verdict("MAIL FROM", data["mail"])  # type: ignore[arg-type]
+    for rcpt, v in data["rcpts"].items():  # type: ignore[attr-defined]
+        verdict(f"RCPT TO <{rcpt}>", v)
+    final = data["final"]
+    if not isinstance(final, dict):
+        lines.append("end of message: not reached (refused before DATA)")
+        return "\n".join(lines) + "\n"
+    verdict("end of message", final)
+    if final["quarantine_reason"]:
+        lines.append(f"  quarantine: {final['quarantine_reason']}")
+    for r in final["results"]:
+        would = f" (monitor: would {r['would']})" if r["would"] else ""
+        lines.append(f"  {r['check']:<8} {r['result']:<9} {r['reason']}{would}")
+    if final["header_edits"]:
+        lines.append("header edits:")
+        for e in final["header_edits"]:
+            where = f"[{e['index']}]" if "index" in e else ""
+            value = f": {e['value']}" if "value" in e else ""
+            lines.append(f"  {e['op']} {e['name']}{where}{value}")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mailward.demo import main as demo_main
+
+    return demo_main(keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailward", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mailward {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the milter")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a config file and print the effective one")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("scan", help="run the checks offline on a message file")
+    p.add_argument("file", help="an RFC 5322 message (.eml), or - for standard input")
+    p.add_argument("-c", "--config", default="")
+    p.add_argument("--client-ip", default="")
+    p.add_argument("--helo", default="")
+    p.add_argument("--mail-from", default="")
+    p.add_argument("--rcpt", action="append", help="a recipient (repeat for more)")
+    p.add_argument("--tls-version", default="", help="e.g. TLSv1.3; empty means no TLS")
+    p.add_argument("--auth-user", default="", help="the SASL login, for submitted mail")
+    p.add_argument("--daemon-name", default="", help="the MTA's {daemon_name}")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("demo", help="run a private Postfix with mailward and send samples "
+                                    "(Debian, root)")
+    p.add_argument("--keep", action="store_true", help="leave the lab running for a look")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except MailwardError as exc:
+        sys.stderr.write(f"mailward: {exc}\n")
+        return 1
+    except OSError as exc:
+        sys.stderr.write(f"mailward: {exc}\n")
+        return 1

@@ -1,0 +1,45 @@
+"""Prometheus metrics, held by one `Metrics` object on its own registry (no module state).
+
+Labels are bounded: check names, result words, verdicts and stages; never addresses.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from mailward import __version__
+
+
+class Metrics:
+    """Every metric mailward exports."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.messages = Counter("mailward_messages", "Messages by final verdict.",
+                                ["verdict"], registry=r)
+        self.recipients_rejected = Counter(
+            "mailward_recipients_rejected", "Recipients refused before DATA, by check.",
+            ["check"], registry=r)
+        self.check_results = Counter("mailward_check_results", "Check results.",
+                                     ["check", "result"], registry=r)
+        self.monitor_actions = Counter(
+            "mailward_monitor_actions", "Actions a check in monitor mode would have taken.",
+            ["check", "action"], registry=r)
+        self.check_duration = Histogram(
+            "mailward_check_duration_seconds", "Time spent in each check.", ["check"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r)
+        self.connections_active = Gauge("mailward_connections_active",
+                                        "MTA connections being served.", registry=r)
+        self.errors = Counter("mailward_errors", "Unexpected errors, by protocol stage.",
+                              ["stage"], registry=r)
+        self.config_reloads = Counter("mailward_config_reloads", "Configuration reloads.",
+                                      ["outcome"], registry=r)
+        self.build_info = Gauge("mailward_build_info", "Build information.", ["version"],
+                                registry=r)
+        self.build_info.labels(version=__version__).set(1)
+
+    def serve(self, host: str, port: int) -> None:
+        """Serve /metrics on host:port in a daemon thread."""
+        start_http_server(port, addr=host, registry=self.registry)
