@@ -95,7 +95,7 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
         self.conn = Transaction(stage=Stage.CONNECT)
         self.tx = self.conn
         self.headers: list[tuple[str, str]] = []
-        self.body: Body | None = None
+        self.spool: Body | None = None
         self.conn_failed = ""
         self.msg_failed = ""
         self.connected = False
@@ -158,9 +158,9 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
     @Milter.noreply
     @_guarded("body")
     def body(self, chunk: bytes) -> int:
-        if self.body is None:
-            self.body = Body(threshold=self.config.milter.spool_threshold)
-        self.body.write(chunk)
+        if self.spool is None:
+            self.spool = Body(threshold=self.config.milter.spool_threshold)
+        self.spool.write(chunk)
         return Milter.CONTINUE
 
     @_guarded("eom")
@@ -169,7 +169,7 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
             if self.msg_failed:
                 return self._reply(self.config.policy.error_reply, Milter.TEMPFAIL)
             tx = dataclasses.replace(self.tx, headers=index_headers(self.headers),
-                                     body=self.body,
+                                     body=self.spool,
                                      queue_id=self.getsymval("i") or self.tx.queue_id)
             self.tx = tx
             tx, results = pipeline.run(self.config, Stage.EOM, tx, self._observe)
@@ -194,9 +194,9 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
     # -- helpers -----------------------------------------------------------------------------
 
     def _reset(self) -> None:
-        if self.body is not None:
-            self.body.close()
-        self.body = None
+        if self.spool is not None:
+            self.spool.close()
+        self.spool = None
         self.headers = []
         self.msg_failed = ""
         self.tx = self.conn
