@@ -369,7 +369,7 @@ def from_parser(path: str, parser: configparser.ConfigParser) -> Config:
         on_error = sec.choice("on_error", Action, policy.on_error, ERROR_ACTIONS)
         settings = module.Settings.load(sec)
         sec.finish()
-        if name in sections and name not in order:
+        if f"check.{name}" in sections and name not in order:
             warnings.append(f"[check.{name}] is configured but not in [policy] checks")
         if enabled and name in order:
             chain.append(Link(name, module, settings, mode, on_error))

@@ -271,7 +271,8 @@ class PostfixLab:
         self.postfix("set-permissions")
         done = self.postfix("start")
         if done.returncode != 0:
-            raise RuntimeError(f"postfix start failed: {done.stderr.strip()}")
+            tail = "\n".join(self.log_text().splitlines()[-5:])
+            raise RuntimeError(f"postfix start failed: {done.stderr.strip()}\n{tail}")
         wait_for_port(self.smtp_port)
         wait_for_port(self.submission_port)
 
@@ -368,6 +369,7 @@ def running_lab(config_text: str, *, root: Path | None = None,
     """Start sink, mailward and Postfix; stop all three on exit."""
     owned = root is None
     root = root or Path(tempfile.mkdtemp(prefix="mailward-lab-"))
+    os.chmod(root, 0o755)  # Postfix's daemons run as user postfix and must reach their dirs
     sink = CaptureSink()
     mw = MailwardProcess(config_text, root / "mailward")
     lab = PostfixLab(root / "postfix", mw.postfix_socket, sink.port, main_extra or {})

@@ -26,11 +26,18 @@ QUARANTINE_REASON_MAX = 100
 
 
 def _order(edits: list[HeaderEdit]) -> tuple[HeaderEdit, ...]:
-    indexed = [e for e in edits if isinstance(e, DeleteHeader | ChangeHeader)]
-    adds = [e for e in edits if isinstance(e, AddHeader)]
-    indexed.sort(key=lambda e: (e.name.lower(), -e.index))
-    unique = list(dict.fromkeys(indexed))  # two checks deleting the same field: once
-    return tuple(unique + adds)
+    # One edit per field (names compare without case): two checks deleting the same field
+    # must delete it once, and a deletion beats a change of the same field.
+    by_field: dict[tuple[str, int], DeleteHeader | ChangeHeader] = {}
+    for e in edits:
+        if isinstance(e, AddHeader):
+            continue
+        key = (e.name.lower(), e.index)
+        if key not in by_field or (isinstance(e, DeleteHeader)
+                                   and not isinstance(by_field[key], DeleteHeader)):
+            by_field[key] = e
+    indexed = sorted(by_field.values(), key=lambda e: (e.name.lower(), -e.index))
+    return (*indexed, *(e for e in edits if isinstance(e, AddHeader)))
 
 
 def decide(results: tuple[CheckResult, ...], policy: PolicySettings, *,

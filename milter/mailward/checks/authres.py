@@ -30,6 +30,8 @@ STAGES = (Stage.EOM,)
 FIELD = "Authentication-Results"
 
 _PVALUE_UNSAFE = re.compile(r"[^\x21-\x7e]")
+_ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+")  # RFC 5322 §3.2.3 dot-atom text
+_DOMAIN_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,25 @@ def authserv_id_of(value: str) -> str:
 
 
 def _pvalue(value: str) -> str:
-    return _PVALUE_UNSAFE.sub("", value)[:256]
+    """A property value that stays one value whatever the sender wrote (RFC 8601 §2.2).
+
+    authres leaves any value containing `@` unquoted, so such values are rebuilt here as
+    `local-part@domain` with a dot-atom or quoted local-part and a plain domain; values without
+    `@` are quoted by authres where needed.
+    """
+    value = _PVALUE_UNSAFE.sub("", value)[:256]
+    if "@" not in value:
+        return value
+    local, _, domain = value.rpartition("@")
+    domain = _DOMAIN_UNSAFE.sub("", domain)
+    if not _ATEXT.fullmatch(local):
+        local = '"' + re.sub(r'(["\\])', r"\\\1", local) + '"'
+    return f"{local}@{domain}"
+
+
+def _reason(text: str) -> str | None:
+    """authres would leave a reason containing `@` unquoted: spell the sign out instead."""
+    return safe_text(text).replace("@", " at ") or None
 
 
 def render(authserv_id: str, entries: tuple[AuthResEntry, ...]) -> str:
@@ -98,7 +118,7 @@ def render(authserv_id: str, entries: tuple[AuthResEntry, ...]) -> str:
                  for ptype, prop, value in e.properties if _pvalue(value)]
         result = authres.AuthenticationResult(
             method=e.method, result=str(e.result),
-            reason=safe_text(e.reason) or None, properties=props)
+            reason=_reason(e.reason), properties=props)
         parts.append(str(result))
     return f"{authserv_id};\n\t" + ";\n\t".join(parts)
 

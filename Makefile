@@ -1,0 +1,36 @@
+# mailward: `make demo` shows it working, `make test` runs every test (what CI runs).
+PYTHON ?= python3
+VENV ?= .venv
+# Building pymilter needs libmilter's headers and a compiler; the venv needs python3-venv.
+DEB_BUILD = python3 python3-venv python3-dev gcc libc6-dev libmilter-dev
+# The lab (demo, integration tests) runs a private Postfix with a certificate from openssl.
+DEB_LAB = postfix openssl
+
+.PHONY: demo test lint deps venv clean
+
+deps:
+	sh packaging/debian-deps.sh $(DEB_BUILD) $(DEB_LAB)
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: deps
+	$(MAKE) venv
+	$(VENV)/bin/mailward demo
+
+lint: venv
+	$(VENV)/bin/ruff check milter tests
+	$(VENV)/bin/mypy
+
+test: deps
+	$(MAKE) venv
+	$(MAKE) lint
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info milter/*.egg-info .pytest_cache .mypy_cache .ruff_cache
