@@ -51,6 +51,20 @@ class Runtime(Protocol):
     def metrics(self) -> Metrics: ...
 
 
+class ServeError(Exception):
+    """libmilter could not open or serve the socket."""
+
+
+def serve(runtime: Runtime, *, socket: str, timeout: int) -> None:
+    """Register the milter class with libmilter and serve until a stop signal."""
+    Milter.factory = lambda: MailwardMilter(runtime)
+    Milter.set_flags(FLAGS)
+    try:
+        Milter.runmilter("mailward", socket, timeout=timeout)
+    except Milter.milter.error as exc:
+        raise ServeError(str(exc)) from None
+
+
 def _guarded(stage: str) -> Callable[[F], F]:
     """Contain any exception of a callback: count it, answer tempfail, keep serving."""
 

@@ -12,10 +12,8 @@ import logging
 import signal
 import threading
 
-import Milter
-
 from mailward import config as configmod
-from mailward.adapter import FLAGS, MailwardMilter
+from mailward.adapter import ServeError, serve
 from mailward.config import Config
 from mailward.errors import ConfigError, MailwardError
 from mailward.metrics import Metrics
@@ -73,12 +71,10 @@ class App:
             except OSError as exc:
                 raise MailwardError(f"[metrics] listen {host}:{port}: {exc.strerror}") from None
             log.info("metrics on http://%s:%d/metrics", host, port)
-        Milter.factory = lambda: MailwardMilter(self)
-        Milter.set_flags(FLAGS)
         checks = ", ".join(f"{link.name}({link.mode})" for link in cfg.chain)
         log.info("mailward listening on %s, checks: %s", cfg.milter.socket, checks or "none")
         try:
-            Milter.runmilter("mailward", cfg.milter.socket, timeout=int(cfg.milter.timeout))
-        except Milter.milter.error as exc:
+            serve(self, socket=cfg.milter.socket, timeout=int(cfg.milter.timeout))
+        except ServeError as exc:
             raise MailwardError(f"[milter] socket {cfg.milter.socket}: {exc}") from None
         log.info("mailward stopped")
