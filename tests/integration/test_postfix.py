@@ -1,0 +1,270 @@
+"""End to end: real SMTP sessions through a private Postfix with mailward attached."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mailward.lab import MailwardProcess, free_port
+from tests.integration.conftest import BASE_CONFIG, Harness, merge
+
+pytestmark = pytest.mark.integration
+
+
+def names(headers: list[tuple[str, str]]) -> list[str]:
+    return [n for n, _ in headers]
+
+
+# -- the happy path --------------------------------------------------------------------------
+
+def test_clean_message_over_tls_gets_our_authentication_results(harness: Harness) -> None:
+    mid, data = harness.message("X-Fold: first\r\n\t second\r\n", body="Body.\r\n")
+    data = data.replace(b"Subject: test", b"Subject:  two  spaces ")
+    out = harness.send(data)
+    assert (out.stage, out.code) == ("data", 250)
+    got = harness.arrived(mid)
+    headers = got.headers()
+    assert names(headers) == ["Authentication-Results", "Received", "From", "To",
+                              "Message-ID", "X-Fold", "Subject", "Date"]
+    ar = headers[0][1]
+    assert re.fullmatch(r" mx\.lab\.test;\n\tx-tls=pass smtp\.version=TLSv1\.3 "
+                        r"smtp\.cipher=\S+ smtp\.bits=\d+", ar), ar
+    # header values arrive byte-exact (SMFIP_HDR_LEADSPC), folds included
+    assert dict(headers)["Subject"] == "  two  spaces "
+    assert dict(headers)["X-Fold"] == " first\n\t second"
+    assert got.data.endswith(b"\r\n\r\nBody.\r\n")
+
+
+def test_bcc_and_resent_bcc_are_removed(harness: Harness) -> None:
+    mid, data = harness.message("Bcc: hidden@example.org\r\nResent-Bcc: r@example.org\r\n"
+                                "X-Keep: 1\r\nBCC: second@example.org\r\n")
+    assert harness.send(data).code == 250
+    headers = harness.arrived(mid).headers()
+    assert not [n for n in names(headers) if n.lower() in ("bcc", "resent-bcc")]
+    assert ("X-Keep", " 1") in headers
+
+
+def test_forged_authentication_results_are_removed_and_others_kept(harness: Harness) -> None:
+    mid, data = harness.message(
+        "Authentication-Results: mx.lab.test; spf=pass smtp.mailfrom=ceo@example.com\r\n"
+        "Authentication-Results: other.example; dkim=pass header.d=example.org\r\n"
+        "Authentication-Results: MX.LAB.TEST; dmarc=pass\r\n"
+        "authentication-results: (forged) mx.lab.test 1; none\r\n"
+        "Authentication-Results: third.example; spf=fail\r\n"
+        "Authentication-Results: \"mx.lab.test\"\r\n")
+    assert harness.send(data).code == 250
+    ars = [v for n, v in harness.arrived(mid).headers()
+           if n.lower() == "authentication-results"]
+    assert ars[0].startswith(" mx.lab.test;\n\tx-tls=pass")
+    assert ars[1:] == [" other.example; dkim=pass header.d=example.org",
+                       " third.example; spf=fail"]
+
+
+# -- TLS -------------------------------------------------------------------------------------
+
+def test_no_tls_is_refused_per_recipient_before_data(harness: Harness) -> None:
+    mid, data = harness.message()
+    out = harness.send(data, ("a@secure.example", "b@example.net"), tls=None)
+    assert out.stage == "data" and out.code == 250
+    assert out.refused == {"a@secure.example": (530, "5.7.0 Must issue a STARTTLS command "
+                                                     "first")}
+    got = harness.arrived(mid)
+    assert got.rcpts == ["b@example.net"]
+    ar = dict(got.headers())["Authentication-Results"]
+    assert ar == " mx.lab.test;\n\tx-tls=none"
+
+
+def test_require_inbound_refuses_at_mail_from(harness: Harness) -> None:
+    with harness.configured("[check.tls]\nrequire_inbound = yes\n"):
+        mid, data = harness.message()
+        out = harness.send(data, tls=None)
+        assert (out.stage, out.code, out.text) == (
+            "mail", 530, "5.7.0 Must issue a STARTTLS command first")
+        assert harness.send(data).code == 250  # with TLS
+        harness.arrived(mid)
+
+
+def test_quarantine_puts_the_message_in_the_hold_queue(harness: Harness) -> None:
+    with harness.configured("[check.tls]\nmin_version = TLSv1.3\nversion_action = quarantine\n"):
+        mid, data = harness.message()
+        out = harness.send(data, ("q@secure.example",), tls="TLSv1.2")
+        assert out.code == 250
+        deadline = time.monotonic() + 20
+        held: list[dict[str, object]] = []
+        while not held and time.monotonic() < deadline:
+            held = [q for q in harness.lab.held()
+                    if any(r.get("address") == "q@secure.example"
+                           for r in q.get("recipients", []))]  # type: ignore[attr-defined]
+            time.sleep(0.2)
+        assert held, harness.lab.queue()
+        assert harness.not_arrived(mid)
+        assert "milter-hold" in harness.lab.log_text()
+        assert 'reason="tls: TLSv1.2 is older than TLSv1.3 (TLS required)"' in harness.mw.log()
+
+
+def test_monitor_mode_accepts_and_counts_what_it_would_have_done(harness: Harness) -> None:
+    with harness.configured("[milter]\nmode = monitor\n"):
+        mid, data = harness.message("Bcc: kept@example.org\r\n")
+        out = harness.send(data, ("m@secure.example",), tls=None)
+        assert out.code == 250 and not out.refused
+        headers = harness.arrived(mid).headers()
+        assert "Bcc" in names(headers)  # monitor: nothing changed
+        assert harness.metric("mailward_monitor_actions_total", check="tls",
+                              action="reject") >= 1
+        assert "tls=fail(would reject)" in harness.mw.log()
+
+
+# -- trace -----------------------------------------------------------------------------------
+
+TRACE_HEADERS = (
+    "Received: from laptop.corp.lab.test (laptop.corp.lab.test [10.1.2.3])\r\n"
+    "\tby relay.corp.lab.test with ESMTP id 42; Mon, 23 Nov 2026 10:00:00 +0000\r\n"
+    "Received: from outside.example.org (outside.example.org [198.51.100.7])\r\n"
+    "\tby gw.example.org; Mon, 23 Nov 2026 09:59:00 +0000\r\n"
+    "X-Originating-IP: [10.1.2.3]\r\n"
+)
+
+
+def test_trace_sanitised_on_outbound_only(harness: Harness) -> None:
+    mid, data = harness.message(TRACE_HEADERS)
+    assert harness.send(data, submission=True).code == 250
+    received = [v for n, v in harness.arrived(mid).headers() if n == "Received"]
+    headers = harness.arrived(mid).headers()
+    assert "X-Originating-IP" not in names(headers)
+    assert len(received) == 2  # Postfix's own hop and the external one
+    assert "outside.example.org" in received[1] and "10.1.2.3" not in "".join(received)
+
+    mid, data = harness.message(TRACE_HEADERS)
+    assert harness.send(data).code == 250  # inbound: untouched
+    headers = harness.arrived(mid).headers()
+    assert "X-Originating-IP" in names(headers)
+    assert len([n for n in names(headers) if n == "Received"]) == 3
+
+
+def test_trace_rewrite(harness: Harness) -> None:
+    with harness.configured("[check.trace]\naction = rewrite\n"):
+        mid, data = harness.message(TRACE_HEADERS)
+        assert harness.send(data, submission=True).code == 250
+        received = [v for n, v in harness.arrived(mid).headers() if n == "Received"]
+        assert received[1] == (" from redacted.invalid (redacted.invalid [redacted])\n"
+                               "\tby redacted.invalid with ESMTP id 42; "
+                               "Mon, 23 Nov 2026 10:00:00 +0000")
+
+
+# -- metrics, signals, config ----------------------------------------------------------------
+
+def test_metrics_endpoint(harness: Harness) -> None:
+    mid, data = harness.message()
+    before = harness.metric("mailward_messages_total", verdict="accept")
+    assert harness.send(data).code == 250
+    harness.arrived(mid)
+    text = harness.metrics()
+    assert harness.metric("mailward_messages_total", verdict="accept") == before + 1
+    assert re.search(r'^mailward_build_info\{version="[\d.]+"\} 1\.0$', text, re.M)
+    assert re.search(r'^mailward_check_duration_seconds_bucket\{check="tls",le="0.005"\} ',
+                     text, re.M)
+    assert "mailward_connections_active " in text
+    assert "mailward_errors_total" in text
+    # bounded labels: no addresses anywhere in the exposition
+    assert "@" not in text and "127.0.0.1" not in text
+
+
+def test_milter_down_means_tempfail_not_loss(harness: Harness) -> None:
+    harness.mw.stop()
+    try:
+        mid, data = harness.message()
+        # Postfix answers every command with 4XX (even STARTTLS, 454): use plain text
+        out = harness.send(data, tls=None)
+        assert (out.code, out.text) == (451, "4.7.1 Service unavailable - try again later")
+    finally:
+        harness.mw.start()
+    out = harness.send(data)
+    assert out.code == 250
+    harness.arrived(mid)
+
+
+@pytest.mark.expect_log_errors
+def test_reload_with_sigusr1(harness: Harness) -> None:
+    assert harness.mw.proc is not None
+    good = merge(BASE_CONFIG, "[check.tls]\nrequire_inbound = yes\n")
+    try:
+        harness.mw.config_path().write_text("[milter]\nsockte = typo\n")
+        harness.mw.proc.send_signal(signal.SIGUSR1)
+        _wait_for(lambda: "reload failed" in harness.mw.log())
+        assert "[milter] sockte: expected a known key" in harness.mw.log()
+        mid, data = harness.message()
+        assert harness.send(data, tls=None).code == 250  # old config still in force
+
+        harness.reload(good)
+        assert harness.send(data, tls=None).code == 530
+        assert harness.metric("mailward_config_reloads_total", outcome="failed") == 1
+    finally:
+        harness.mw.stop()
+        harness.mw.write(BASE_CONFIG)
+        harness.mw.start()
+
+
+def _wait_for(condition: object, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_sigterm_stops_gracefully_with_metrics_thread(tmp_path: Path) -> None:
+    mw = MailwardProcess(BASE_CONFIG, tmp_path)
+    mw.start()
+    assert mw.proc is not None
+    with socket.create_connection(("127.0.0.1", mw.metrics_port), timeout=5):
+        pass  # the metrics thread is up
+    mw.proc.send_signal(signal.SIGTERM)
+    assert mw.proc.wait(15) == 0
+    assert "mailward stopped" in mw.log()
+    mw.proc = None
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[milter]\nsockte = inet:1@127.0.0.1\n", "[milter] sockte: expected a known key"),
+    ("[milter]\nsocket = inet:70000@127.0.0.1\n", "[milter] socket: expected inet:PORT@HOST"),
+])
+def test_bad_config_refuses_to_start(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.ini"
+    path.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "mailward", "run", "-c", str(path)],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"mailward: {path}: ") and message in done.stderr
+
+
+def test_check_config_command() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "mailward", "check-config", "-c",
+                           str(repo / "conf" / "mailward.ini")],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "[check.tls]\nenabled = yes" in done.stdout
+
+
+def test_unix_socket(tmp_path: Path, harness: Harness) -> None:
+    sock = tmp_path / "milter.sock"
+    tmp_path.chmod(0o755)
+    mw = MailwardProcess(merge(BASE_CONFIG, f"[milter]\nsocket = unix:{sock}\n"), tmp_path)
+    mw.write()
+    assert mw.proc is None
+    mw.proc = subprocess.Popen([sys.executable, "-m", "mailward", "run", "-c",
+                                str(mw.config_path())], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(sock.exists)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(sock))
+    finally:
+        assert mw.stop() == 0
+    _ = free_port
