@@ -37,8 +37,16 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# The actions we may ask of the MTA (negotiated once in `app`).
+# The actions we may ask of the MTA (negotiated once in `serve`).
 FLAGS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE
+
+# Typed names for pymilter's untyped constants and decorator.
+CONTINUE: int = Milter.CONTINUE
+ACCEPT: int = Milter.ACCEPT
+REJECT: int = Milter.REJECT
+TEMPFAIL: int = Milter.TEMPFAIL
+DISCARD: int = Milter.DISCARD
+noreply: Callable[[F], F] = Milter.noreply
 
 
 class Runtime(Protocol):
@@ -79,11 +87,11 @@ def _guarded(stage: str) -> Callable[[F], F]:
                 # These callbacks may not reply (noreply): the next one that can will.
                 if stage in ("connect", "helo"):
                     self.conn_failed = stage
-                    return Milter.CONTINUE
+                    return CONTINUE
                 if stage in ("header", "body"):
                     self.msg_failed = stage
-                    return Milter.CONTINUE
-                return self._reply(self.config.policy.error_reply, Milter.TEMPFAIL)
+                    return CONTINUE
+                return self._reply(self.config.policy.error_reply, TEMPFAIL)
 
         return inner  # type: ignore[return-value]
 
@@ -120,7 +128,7 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
 
     # -- callbacks ---------------------------------------------------------------------------
 
-    @Milter.noreply
+    @noreply
     @_guarded("connect")
     def connect(self, hostname: str, family: Any, hostaddr: Any) -> int:
         self.connected = True
@@ -129,19 +137,19 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
                                 client_name=hostname or "",
                                 daemon_name=self.getsymval("{daemon_name}") or "")
         self.tx = self.conn
-        return Milter.CONTINUE
+        return CONTINUE
 
-    @Milter.noreply
+    @noreply
     @_guarded("helo")
     def hello(self, helo: str) -> int:
         self.conn = dataclasses.replace(self.conn, helo=helo or "")
-        return Milter.CONTINUE
+        return CONTINUE
 
     @_guarded("mail")
     def envfrom(self, mail_from: str, *params: str) -> int:
         self._reset()
         if self.conn_failed:
-            return self._reply(self.config.policy.error_reply, Milter.TEMPFAIL)
+            return self._reply(self.config.policy.error_reply, TEMPFAIL)
         version = self.getsymval("{tls_version}")
         tls = None
         if version:
@@ -156,32 +164,32 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
 
     @_guarded("rcpt")
     def envrcpt(self, rcpt: str, *params: str) -> int:
-        candidate = dataclasses.replace(self.tx, recipients=self.tx.recipients
-                                        + (strip_brackets(rcpt),))
+        recipients = (*self.tx.recipients, strip_brackets(rcpt))
+        candidate = dataclasses.replace(self.tx, recipients=recipients)
         rc = self._early(Stage.RCPT, candidate)
-        if rc == Milter.CONTINUE:
+        if rc == CONTINUE:
             self.tx = candidate
         return rc
 
-    @Milter.noreply
+    @noreply
     @_guarded("header")
     def header(self, name: str, value: str) -> int:
         self.headers.append((name, value))
-        return Milter.CONTINUE
+        return CONTINUE
 
-    @Milter.noreply
+    @noreply
     @_guarded("body")
     def body(self, chunk: bytes) -> int:
         if self.spool is None:
             self.spool = Body(threshold=self.config.milter.spool_threshold)
         self.spool.write(chunk)
-        return Milter.CONTINUE
+        return CONTINUE
 
     @_guarded("eom")
     def eom(self) -> int:
         try:
             if self.msg_failed:
-                return self._reply(self.config.policy.error_reply, Milter.TEMPFAIL)
+                return self._reply(self.config.policy.error_reply, TEMPFAIL)
             tx = dataclasses.replace(self.tx, headers=index_headers(self.headers),
                                      body=self.spool,
                                      queue_id=self.getsymval("i") or self.tx.queue_id)
@@ -196,14 +204,14 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
 
     def abort(self) -> int:
         self._reset()
-        return Milter.CONTINUE
+        return CONTINUE
 
     def close(self) -> int:
         self._reset()
         if self.connected:
             self.runtime.metrics.connections_active.dec()
             self.connected = False
-        return Milter.CONTINUE
+        return CONTINUE
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -223,7 +231,7 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
         tx, results = pipeline.run(self.config, stage, tx, self._observe)
         verdict = policy.decide(results, self.config.policy, final=False)
         if verdict.action is Action.ACCEPT or verdict.reply is None:
-            return int(Milter.CONTINUE)
+            return CONTINUE
         m = self.runtime.metrics
         for r in results:
             if r.check == verdict.decided_by:
@@ -237,7 +245,7 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
         log.info("qid=%s client=%s direction=%s from=<%s> %s refused at %s by %s: %s",
                  self.queue_id, tx.client_ip or tx.client_name, tx.direction, tx.mail_from,
                  what, stage.name.lower(), verdict.decided_by, verdict.reply)
-        code = Milter.REJECT if verdict.action is Action.REJECT else Milter.TEMPFAIL
+        code = REJECT if verdict.action is Action.REJECT else TEMPFAIL
         return self._reply(verdict.reply, code)
 
     def _reply(self, reply: Any, code: int) -> int:
@@ -246,10 +254,10 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
 
     def _apply(self, verdict: Verdict) -> int:
         if verdict.action in (Action.REJECT, Action.TEMPFAIL):
-            code = Milter.REJECT if verdict.action is Action.REJECT else Milter.TEMPFAIL
+            code = REJECT if verdict.action is Action.REJECT else TEMPFAIL
             return self._reply(verdict.reply, code)
         if verdict.action is Action.DISCARD:
-            return int(Milter.DISCARD)
+            return DISCARD
         # With SMFIP_HDR_LEADSPC negotiated the MTA adds no space after the colon itself.
         lead = " " if self._protocol & Milter.P_HDR_LEADSPC else ""
         for edit in verdict.edits:
@@ -264,7 +272,7 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
                     self.addheader(edit.name, lead + edit.value)
         if verdict.action is Action.QUARANTINE:
             self.quarantine(verdict.quarantine_reason or "mailward")
-        return int(Milter.ACCEPT)
+        return ACCEPT
 
     def _count(self, results: tuple[CheckResult, ...], verdict: Verdict) -> None:
         m = self.runtime.metrics

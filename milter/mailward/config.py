@@ -101,7 +101,7 @@ class Section:
             m = _SIZE_RE.fullmatch(raw)
             if not m:
                 raise ValueError(raw)
-            return int(m.group(1)) * 1024 ** " kmg".index((m.group(2) or " ").lower())
+            return int(m.group(1)) * int(1024 ** " kmg".index((m.group(2) or " ").lower()))
 
         return self.parse(key, default, "a size in bytes (suffix K, M or G allowed)", convert)
 

@@ -86,9 +86,10 @@ def send(lab: PostfixLab, sample: Sample, n: int) -> str:
             return "250 accepted"
     except smtplib.SMTPRecipientsRefused as exc:
         code, text = exc.recipients[sample.rcpt]
-        return f"{code} {text.decode()}"
+        return f"{code} {text.decode() if isinstance(text, bytes) else text}"
     except smtplib.SMTPResponseException as exc:
-        return f"{exc.smtp_code} {exc.smtp_error.decode()}"
+        error = exc.smtp_error
+        return f"{exc.smtp_code} {error.decode() if isinstance(error, bytes) else error}"
 
 
 def outcome(lab: PostfixLab, sink: CaptureSink, n: int, held_before: int) -> Captured | None:

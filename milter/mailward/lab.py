@@ -80,7 +80,7 @@ class _SinkHandler(socketserver.StreamRequestHandler):
 
     def handle(self) -> None:
         self.reply(f"220 {SINK_NAME} ESMTP capture sink")
-        mail_from, rcpts = "", []
+        mail_from, rcpts = "", list[str]()
         while line := self.rfile.readline(65536):
             verb = line[:4].upper()
             arg = line[5:].strip().decode("utf-8", "replace")
@@ -216,7 +216,7 @@ class PostfixLab:
         r = self.root
         for d in ("etc", "queue", "data", "log"):
             (r / d).mkdir(parents=True, exist_ok=True)
-        os.chmod(r, 0o755)
+        os.chmod(r, 0o755)  # noqa: S103 - Postfix (user postfix) must reach it
         shutil.chown(r / "queue", "root")
         shutil.chown(r / "data", "postfix")
         self._make_cert()
@@ -369,7 +369,7 @@ def running_lab(config_text: str, *, root: Path | None = None,
     """Start sink, mailward and Postfix; stop all three on exit."""
     owned = root is None
     root = root or Path(tempfile.mkdtemp(prefix="mailward-lab-"))
-    os.chmod(root, 0o755)  # Postfix's daemons run as user postfix and must reach their dirs
+    os.chmod(root, 0o755)  # noqa: S103 - Postfix (user postfix) must reach it
     sink = CaptureSink()
     mw = MailwardProcess(config_text, root / "mailward")
     lab = PostfixLab(root / "postfix", mw.postfix_socket, sink.port, main_extra or {})

@@ -71,7 +71,7 @@ def scan(config: Config, raw: bytes, *, client_ip: str = "", helo: str = "",
     verdicts = []
     accepted: tuple[str, ...] = ()
     for rcpt in rcpts:
-        candidate = dataclasses.replace(tx, recipients=accepted + (rcpt,))
+        candidate = dataclasses.replace(tx, recipients=(*accepted, rcpt))
         _, results = pipeline.run(config, Stage.RCPT, candidate)
         verdict = policy.decide(results, config.policy, final=False)
         verdicts.append((rcpt, verdict))

@@ -40,7 +40,7 @@ class Direction(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Tls:
-    """The TLS session the client used, from the MTA's `{tls_version}` `{cipher}` `{cipher_bits}`."""
+    """The TLS session, from the MTA's `{tls_version}`, `{cipher}` and `{cipher_bits}`."""
 
     version: str
     cipher: str = ""

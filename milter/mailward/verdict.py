@@ -10,7 +10,7 @@ from dataclasses import dataclass
 class Result(enum.StrEnum):
     """Result words of RFC 8601 §2.7 (plus `policy`, for a local decision)."""
 
-    PASS = "pass"
+    PASS = "pass"  # noqa: S105 - a result word, not a password
     FAIL = "fail"
     SOFTFAIL = "softfail"
     NEUTRAL = "neutral"

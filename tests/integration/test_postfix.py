@@ -199,7 +199,7 @@ def test_reload_with_sigusr1(harness: Harness) -> None:
         harness.mw.proc.send_signal(signal.SIGUSR1)
         _wait_for(lambda: "reload failed" in harness.mw.log())
         assert "[milter] sockte: expected a known key" in harness.mw.log()
-        mid, data = harness.message()
+        _mid, data = harness.message()
         assert harness.send(data, tls=None).code == 250  # old config still in force
 
         harness.reload(good)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mailward import pipeline
-from mailward.checks import authres, bcc, tls, trace
+from mailward.checks import authres
 from mailward.config import Config
 from mailward.deps import Deps
 from mailward.transaction import Direction, Stage, Transaction
