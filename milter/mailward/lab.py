@@ -154,6 +154,9 @@ MASTER_CF = """\
 127.0.0.1:{submission_port} inet n - n - - smtpd
   -o syslog_name=postfix/submission
   -o milter_macro_daemon_name=ORIGINATING
+  -o cleanup_service_name=subcleanup
+subcleanup unix n - n - 0 cleanup
+  -o header_checks=regexp:{etc}/submission_header_checks
 pickup    unix  n - n 60 1 pickup
 cleanup   unix  n - n -  0 cleanup
 qmgr      unix  n - n 300 1 qmgr
@@ -184,7 +187,8 @@ class PostfixLab:
 
     Port `smtp_port` is an MX-like service (mail from 127.0.0.1 counts as inbound in the lab's
     mailward config); `submission_port` sets `{daemon_name}` ORIGINATING, the convention for
-    submission, so mail there is outbound. `message_drop_headers` is emptied so that Bcc
+    submission, so mail there is outbound; its own Received field is dropped by a
+    `header_checks` rule in a separate cleanup service. `message_drop_headers` is emptied so that Bcc
     reaches the milter, as it does with Sendmail.
     """
 
@@ -260,7 +264,11 @@ class PostfixLab:
         main.update(self.main_extra)
         (self.etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in main.items()))
         (self.etc / "master.cf").write_text(MASTER_CF.format(
-            smtp_port=self.smtp_port, submission_port=self.submission_port))
+            smtp_port=self.smtp_port, submission_port=self.submission_port, etc=self.etc))
+        # The submission hop's own Received field (never shown to milters) is dropped by its
+        # cleanup. In production match "with ESMTPSA" (authenticated); the lab has no SASL.
+        (self.etc / "submission_header_checks").write_text(
+            r"/^Received: .*by mx\.lab\.test \(Postfix\) with E?SMTPS?A? / IGNORE" + "\n")
 
     def postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["postfix", "-c", str(self.etc), *args], capture_output=True,
