@@ -188,8 +188,8 @@ class PostfixLab:
     Port `smtp_port` is an MX-like service (mail from 127.0.0.1 counts as inbound in the lab's
     mailward config); `submission_port` sets `{daemon_name}` ORIGINATING, the convention for
     submission, so mail there is outbound; its own Received field is dropped by a
-    `header_checks` rule in a separate cleanup service. `message_drop_headers` is emptied so that Bcc
-    reaches the milter, as it does with Sendmail.
+    `header_checks` rule in a separate cleanup service. `message_drop_headers` is emptied so
+    that Bcc reaches the milter, as it does with Sendmail.
     """
 
     root: Path
