@@ -36,3 +36,14 @@ def make_tx(*, stage: Stage = Stage.EOM, headers: list[tuple[str, str]] | None =
     return Transaction(stage=stage, client_ip=ipaddress.ip_address(ip) if ip else None,
                        tls=Tls(tls, "TLS_AES_256_GCM_SHA384", "256") if tls else None,
                        headers=index_headers(headers or []), **kw)  # type: ignore[arg-type]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI a skipped test hides a missing feature or install step: fail the run."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
+    if IN_CI and skipped and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if reporter:
+            reporter.write_line(f"CI=true: {skipped} test(s) skipped; that fails the run",
+                                red=True)
