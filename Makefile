@@ -24,7 +24,7 @@ demo: deps
 	$(VENV)/bin/mailward demo
 
 lint: venv
-	$(VENV)/bin/ruff check milter tests
+	$(VENV)/bin/ruff check milter tests bench
 	$(VENV)/bin/mypy
 
 test: deps

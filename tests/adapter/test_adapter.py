@@ -172,3 +172,21 @@ def test_connection_gauge_returns_to_zero(tls: str) -> None:
     feed(ctx, MESSAGE, tls=tls)
     ctx._close()
     assert runtime.metrics.registry.get_sample_value("mailward_connections_active") == 0
+
+
+def test_nodelay_is_set_on_listening_tcp_sockets() -> None:
+    import socket
+
+    with socket.socket() as listener, socket.socket() as idle:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        assert adapter._nodelay_listeners() >= 1
+        assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert idle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0  # not listening
+        # and a connection accepted afterwards inherits it (Linux)
+        with socket.create_connection(listener.getsockname()) as client:
+            conn, _ = listener.accept()
+            with conn:
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            client.close()
