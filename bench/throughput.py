@@ -25,18 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "milter"))
 
-from mailward.lab import CaptureSink, MailwardProcess, PostfixLab
+from mailward.lab import LAB_CONFIG, CaptureSink, MailwardProcess, PostfixLab, merge_ini
 
-CONFIG = """\
-[milter]
-socket = inet:{port}@127.0.0.1
-authserv_id = mx.lab.test
-trusted_networks = 192.0.2.0/24
-[metrics]
-listen = 127.0.0.1:{metrics_port}
-[check.tls]
-require_domains = secure.example
-"""
+CONFIG = merge_ini(LAB_CONFIG, "[check.tls]\nrequire_domains = secure.example\n")
 
 
 def message(i: int) -> bytes:

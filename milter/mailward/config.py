@@ -221,8 +221,9 @@ class MilterSettings:
 
     @classmethod
     def load(cls, sec: Section) -> MilterSettings:
-        authserv_id = sec.parse("authserv_id", socket.getfqdn().lower(), "a host name",
-                                _hostname)
+        # getfqdn() may ask DNS: only when the key is not set
+        authserv_id = (sec.parse("authserv_id", "", "a host name", _hostname)
+                       or socket.getfqdn().lower())
         return cls(
             socket=sec.parse("socket", cls.socket,
                              "inet:PORT@HOST, inet6:PORT@ADDRESS or unix:/absolute/path",

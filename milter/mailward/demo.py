@@ -16,18 +16,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mailward.lab import Captured, CaptureSink, PostfixLab, missing_tools, running_lab
+from mailward.lab import (
+    LAB_CONFIG,
+    Captured,
+    CaptureSink,
+    PostfixLab,
+    merge_ini,
+    missing_tools,
+    running_lab,
+)
 
-CONFIG = """\
-# The demo's mailward.ini: mail from 127.0.0.1 counts as coming from the Internet here.
+CONFIG = merge_ini(LAB_CONFIG, """
 [milter]
-socket = inet:{port}@127.0.0.1
-authserv_id = mx.lab.test
-trusted_networks = 192.0.2.0/24
 local_domains = lab.test
-
-[metrics]
-listen = 127.0.0.1:{metrics_port}
 
 [check.tls]
 # secure.example wants TLS 1.3: no TLS is refused, older TLS is held for review.
@@ -38,7 +39,7 @@ version_action = quarantine
 [check.trace]
 internal_hosts = corp.lab.test
 strip_headers = X-Originating-IP, X-Mailer
-"""
+""")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,32 @@ from pathlib import Path
 
 SINK_NAME = "sink.lab.test"
 
+# mailward's config in the lab; {port} and {metrics_port} are filled in by MailwardProcess.
+# Mail from 127.0.0.1 counts as coming from the Internet: trusted_networks is elsewhere.
+LAB_CONFIG = """\
+[milter]
+socket = inet:{port}@127.0.0.1
+authserv_id = mx.lab.test
+trusted_networks = 192.0.2.0/24
+
+[metrics]
+listen = 127.0.0.1:{metrics_port}
+"""
+
+
+def merge_ini(base: str, extra: str) -> str:
+    """`base` with the sections and keys of `extra` merged in (keys of `extra` win)."""
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string(base)
+    parser.read_string(extra)
+    out = []
+    for section in parser.sections():
+        out.append(f"[{section}]")
+        out += [f"{k} = {v}" for k, v in parser[section].items()]
+    return "\n".join(out) + "\n"
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""

@@ -24,26 +24,28 @@ from pathlib import Path
 
 import pytest
 
-from mailward.lab import Captured, CaptureSink, MailwardProcess, PostfixLab, missing_tools
+from mailward.lab import (
+    LAB_CONFIG,
+    Captured,
+    CaptureSink,
+    MailwardProcess,
+    PostfixLab,
+    merge_ini,
+    missing_tools,
+)
 from tests.conftest import need
 
-BASE_CONFIG = """\
+BASE_CONFIG = merge_ini(LAB_CONFIG, """
 [milter]
-socket = inet:{port}@127.0.0.1
-authserv_id = mx.lab.test
-trusted_networks = 192.0.2.0/24
 local_domains = lab.test
 spool_threshold = 256K
-
-[metrics]
-listen = 127.0.0.1:{metrics_port}
 
 [check.tls]
 require_domains = secure.example
 
 [check.trace]
 internal_hosts = corp.lab.test
-"""
+""")
 
 _ids = itertools.count(1)
 
@@ -140,25 +142,11 @@ class Harness:
     @contextlib.contextmanager
     def configured(self, extra: str) -> Iterator[None]:
         """Run mailward with BASE_CONFIG plus `extra` (later keys of a section win)."""
-        self.reload(merge(BASE_CONFIG, extra))
+        self.reload(merge_ini(BASE_CONFIG, extra))
         try:
             yield
         finally:
             self.reload(BASE_CONFIG)
-
-
-def merge(base: str, extra: str) -> str:
-    """Append `extra` keys into the sections of `base` (new sections are appended)."""
-    import configparser
-
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read_string(base)
-    parser.read_string(extra)
-    out = []
-    for section in parser.sections():
-        out.append(f"[{section}]")
-        out += [f"{k} = {v}" for k, v in parser[section].items()]
-    return "\n".join(out) + "\n"
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mailward.lab import MailwardProcess, free_port
-from tests.integration.conftest import BASE_CONFIG, Harness, merge
+from mailward.lab import MailwardProcess, merge_ini
+from tests.integration.conftest import BASE_CONFIG, Harness
 
 pytestmark = pytest.mark.integration
 
@@ -199,7 +199,7 @@ def test_milter_down_means_tempfail_not_loss(harness: Harness) -> None:
 @pytest.mark.expect_log_errors
 def test_reload_with_sigusr1(harness: Harness) -> None:
     assert harness.mw.proc is not None
-    good = merge(BASE_CONFIG, "[check.tls]\nrequire_inbound = yes\n")
+    good = merge_ini(BASE_CONFIG, "[check.tls]\nrequire_inbound = yes\n")
     try:
         harness.mw.config_path().write_text("[milter]\nsockte = typo\n")
         harness.mw.proc.send_signal(signal.SIGUSR1)
@@ -261,7 +261,7 @@ def test_check_config_command() -> None:
 def test_unix_socket(tmp_path: Path, harness: Harness) -> None:
     sock = tmp_path / "milter.sock"
     tmp_path.chmod(0o755)
-    mw = MailwardProcess(merge(BASE_CONFIG, f"[milter]\nsocket = unix:{sock}\n"), tmp_path)
+    mw = MailwardProcess(merge_ini(BASE_CONFIG, f"[milter]\nsocket = unix:{sock}\n"), tmp_path)
     mw.write()
     assert mw.proc is None
     mw.proc = subprocess.Popen([sys.executable, "-m", "mailward", "run", "-c",
@@ -273,4 +273,3 @@ def test_unix_socket(tmp_path: Path, harness: Harness) -> None:
             s.connect(str(sock))
     finally:
         assert mw.stop() == 0
-    _ = free_port

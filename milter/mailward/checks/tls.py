@@ -68,6 +68,11 @@ class Settings:
         )
 
 
+def _rank(version: str) -> int:
+    """Order of a version name; an unknown name ranks below all."""
+    return VERSIONS.index(version) if version in VERSIONS else -1
+
+
 def _required(tx: Transaction, settings: Settings, recipients: tuple[str, ...]) -> bool:
     """Is TLS required for this mail to these recipients?"""
     if tx.direction is Direction.OUTBOUND:
@@ -81,9 +86,7 @@ def _required(tx: Transaction, settings: Settings, recipients: tuple[str, ...]) 
 
 def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
     """Judge the TLS session of `tx` (see the module docstring for stages and results)."""
-    good = tx.tls is not None and (VERSIONS.index(tx.tls.version)
-                                   if tx.tls.version in VERSIONS else -1
-                                   ) >= VERSIONS.index(settings.min_version)
+    good = tx.tls is not None and _rank(tx.tls.version) >= _rank(settings.min_version)
     if tx.stage is Stage.MAIL:
         # Only the all-inbound requirement is known before the recipients.
         required = tx.direction is Direction.INBOUND and settings.require_inbound
