@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
 from mailward import config
 from mailward.transaction import Stage, Tls, Transaction, index_headers
+from tests.dnsserver import Nameserver
 
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
 
@@ -47,3 +49,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if reporter:
             reporter.write_line(f"CI=true: {skipped} test(s) skipped; that fails the run",
                                 red=True)
+
+
+@pytest.fixture(scope="session")
+def _nameserver() -> Iterator[Nameserver]:
+    server = Nameserver()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def nameserver(_nameserver: Nameserver) -> Nameserver:
+    """The loopback DNS server, emptied for this test."""
+    _nameserver.clear()
+    return _nameserver

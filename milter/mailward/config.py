@@ -252,6 +252,53 @@ def _log_level(raw: str) -> str:
     return raw.lower()
 
 
+def parse_nameserver(word: str) -> tuple[str, int]:
+    """`192.0.2.1`, `192.0.2.1:5353`, `2001:db8::1` or `[2001:db8::1]:5353`."""
+    if word.startswith("["):
+        host, _, port = word[1:].partition("]")
+        port = port.removeprefix(":") or "53"
+    elif word.count(":") == 1:
+        host, port = word.split(":")
+    else:
+        host, port = word, "53"
+    ipaddress.ip_address(host)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(word)
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    """[dns]: the one resolver every check uses."""
+
+    nameservers: tuple[tuple[str, int], ...] = ()  # empty: those of /etc/resolv.conf
+    timeout: float = 2.0  # per try
+    lifetime: float = 5.0  # per lookup, retries included
+    cache_size: int = 10000
+    max_ttl: int = 86400
+    negative_ttl: int = 300  # NXDOMAIN/NODATA without an SOA to say otherwise
+
+    @classmethod
+    def load(cls, sec: Section) -> DnsSettings:
+        servers = []
+        for word in sec.words("nameservers", ()):
+            try:
+                servers.append(parse_nameserver(word))
+            except ValueError:
+                raise sec.error("nameservers", "IP addresses, each with an optional :PORT "
+                                "([v6]:PORT)", word) from None
+        timeout = sec.seconds("timeout", cls.timeout, maximum=60)
+        lifetime = sec.seconds("lifetime", cls.lifetime, maximum=300)
+        if lifetime < timeout:
+            raise sec.error("lifetime", f"at least timeout ({timeout:g})", str(lifetime))
+        return cls(
+            nameservers=tuple(servers), timeout=timeout, lifetime=lifetime,
+            cache_size=sec.integer("cache_size", cls.cache_size, maximum=10_000_000),
+            max_ttl=sec.integer("max_ttl", cls.max_ttl, minimum=1, maximum=7 * 86400),
+            negative_ttl=sec.integer("negative_ttl", cls.negative_ttl, maximum=86400),
+        )
+
+
 @dataclass(frozen=True)
 class MetricsSettings:
     """[metrics]: where the Prometheus endpoint listens (loopback unless configured)."""
@@ -295,6 +342,7 @@ class Config:
 
     path: str
     milter: MilterSettings
+    dns: DnsSettings
     metrics: MetricsSettings
     policy: PolicySettings
     chain: tuple[Link, ...]
@@ -329,7 +377,7 @@ def from_parser(path: str, parser: configparser.ConfigParser) -> Config:
     from mailward.checks import CHECKS  # the registry imports config types, not the reverse
 
     sections = {name: Section(path, name, parser[name]) for name in parser.sections()}
-    known = {"milter", "metrics", "policy"} | {f"check.{n}" for n in CHECKS}
+    known = {"milter", "dns", "metrics", "policy"} | {f"check.{n}" for n in CHECKS}
     for name in sections:
         if name not in known:
             raise ConfigError(f"{path}: [{name}]: unknown section; expected one of "
@@ -339,6 +387,7 @@ def from_parser(path: str, parser: configparser.ConfigParser) -> Config:
         return sections.get(name) or Section(path, name, {})
 
     milter = MilterSettings.load(section("milter"))
+    dns = DnsSettings.load(section("dns"))
     metrics = MetricsSettings.load(section("metrics"))
     psec = section("policy")
     order = psec.words("checks", ("tls", "bcc", "trace", "authres"))
@@ -374,10 +423,10 @@ def from_parser(path: str, parser: configparser.ConfigParser) -> Config:
             warnings.append(f"[check.{name}] is configured but not in [policy] checks")
         if enabled and name in order:
             chain.append(Link(name, module, settings, mode, on_error))
-    for s in (section("milter"), section("metrics"), psec):
+    for s in (section("milter"), section("dns"), section("metrics"), psec):
         s.finish()
     chain.sort(key=lambda link: order.index(link.name))
-    return Config(path, milter, metrics, policy, tuple(chain), tuple(warnings))
+    return Config(path, milter, dns, metrics, policy, tuple(chain), tuple(warnings))
 
 
 def describe(config: Config) -> str:
@@ -385,8 +434,9 @@ def describe(config: Config) -> str:
 
     def fmt(value: object) -> str:
         if isinstance(value, tuple):
-            if value and isinstance(value[0], tuple):  # listen address
-                return ":".join(str(v) for v in value)
+            if len(value) == 2 and isinstance(value[1], int) and isinstance(value[0], str):
+                host = f"[{value[0]}]" if ":" in value[0] else value[0]
+                return f"{host}:{value[1]}"  # an address with its port
             return ", ".join(fmt(v) for v in value)
         if value is None:
             return ""
@@ -400,13 +450,11 @@ def describe(config: Config) -> str:
         lines = [f"[{title}]"]
         lines += [f"{k} = {fmt(v)}" for k, v in extra.items()]
         for name in getattr(obj, "__dataclass_fields__", {}):
-            value = getattr(obj, name)
-            if name == "listen" and isinstance(value, tuple):
-                value = f"{value[0]}:{value[1]}"
-            lines.append(f"{name} = {fmt(value)}")
+            lines.append(f"{name} = {fmt(getattr(obj, name))}")
         return "\n".join(lines)
 
-    parts = [block("milter", config.milter), block("metrics", config.metrics),
+    parts = [block("milter", config.milter), block("dns", config.dns),
+             block("metrics", config.metrics),
              block("policy", config.policy)]
     for link in config.chain:
         parts.append(block(f"check.{link.name}", link.settings,

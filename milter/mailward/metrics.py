@@ -34,6 +34,13 @@ class Metrics:
                                         "MTA connections being served.", registry=r)
         self.errors = Counter("mailward_errors", "Unexpected errors, by protocol stage.",
                               ["stage"], registry=r)
+        self.dns_queries = Counter("mailward_dns_queries", "DNS lookups by outcome "
+                                   "(ok, cached, nxdomain, nodata, timeout, servfail).",
+                                   ["rtype", "outcome"], registry=r)
+        self.dns_duration = Histogram(
+            "mailward_dns_duration_seconds", "Time of DNS lookups that reached a server.",
+            ["rtype"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+                                5, 10), registry=r)
         self.config_reloads = Counter("mailward_config_reloads", "Configuration reloads.",
                                       ["outcome"], registry=r)
         self.build_info = Gauge("mailward_build_info", "Build information.", ["version"],

@@ -1,0 +1,164 @@
+"""A real DNS server on 127.0.0.1 for tests: UDP and TCP on one port, records from zone text.
+
+Failure modes: names in `drop` are never answered (a timeout), names in `servfail` get
+SERVFAIL, names in `delay` are answered late. UDP answers larger than 512 bytes (or the
+client's EDNS size) are truncated (TC), so clients must retry over TCP, as with a real server.
+"""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import struct
+import threading
+import time
+
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+import dns.zone
+
+SOA = "ns.test. hostmaster.test. 1 3600 600 86400 {minimum}"
+
+
+class Nameserver:
+    """Serve rrsets added with `add` or `load_zone`; `queries` logs (name, type, transport)."""
+
+    def __init__(self, *, negative_ttl: int = 60) -> None:
+        self.rrsets: dict[tuple[dns.name.Name, int], dns.rrset.RRset] = {}
+        self.drop: set[str] = set()
+        self.servfail: set[str] = set()
+        self.delay: dict[str, float] = {}
+        self.queries: list[tuple[str, str, str]] = []
+        self.negative_ttl = negative_ttl
+        self._lock = threading.Lock()
+        self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._udp.bind(("127.0.0.1", 0))
+        self.port = int(self._udp.getsockname()[1])
+        server = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                conn: socket.socket = self.request
+                while head := conn.recv(2):
+                    (length,) = struct.unpack("!H", head)
+                    wire = b""
+                    while len(wire) < length:
+                        chunk = conn.recv(length - len(wire))
+                        if not chunk:
+                            return
+                        wire += chunk
+                    reply = server.respond(wire, "tcp")
+                    if reply is None:
+                        return
+                    conn.sendall(struct.pack("!H", len(reply)) + reply)
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self._tcp = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Handler)
+        self._tcp.daemon_threads = True
+        threading.Thread(target=self._tcp.serve_forever, daemon=True).start()
+        threading.Thread(target=self._serve_udp, daemon=True).start()
+
+    # -- data -----------------------------------------------------------------------------
+
+    def clear(self) -> None:
+        with self._lock:
+            self.rrsets.clear()
+            self.drop.clear()
+            self.servfail.clear()
+            self.delay.clear()
+            self.queries.clear()
+
+    def add(self, name: str, rtype: str, *values: str, ttl: int = 300) -> None:
+        """Add records, e.g. add("example.com", "TXT", '"v=spf1 -all"')."""
+        rrset = dns.rrset.from_text(dns.name.from_text(name), ttl, "IN", rtype, *values)
+        with self._lock:
+            key = (rrset.name, rrset.rdtype)
+            if key in self.rrsets:
+                self.rrsets[key].union_update(rrset)
+            else:
+                self.rrsets[key] = rrset
+
+    def load_zone(self, text: str, origin: str = ".") -> None:
+        zone = dns.zone.from_text(text, origin=origin, relativize=False, check_origin=False)
+        for name, ttl, rdata in zone.iterate_rdatas():
+            self.add(name.to_text(), dns.rdatatype.to_text(rdata.rdtype), rdata.to_text(),
+                     ttl=ttl)
+
+    def count(self, name: str, rtype: str | None = None) -> int:
+        """How many queries for `name` (and `rtype`) reached the server."""
+        n = name.lower().rstrip(".") + "."
+        return sum(1 for q, t, _ in self.queries if q == n and (rtype is None or t == rtype))
+
+    # -- serving --------------------------------------------------------------------------
+
+    def _exists(self, name: dns.name.Name) -> bool:
+        return any(n == name or n.is_subdomain(name) for n, _ in self.rrsets)
+
+    def respond(self, wire: bytes, transport: str) -> bytes | None:
+        query = dns.message.from_wire(wire)
+        question = query.question[0]
+        qname, qtype = question.name, question.rdtype
+        text = qname.to_text().lower()
+        with self._lock:
+            self.queries.append((text, dns.rdatatype.to_text(qtype), transport))
+            dropped = text.rstrip(".") in self.drop
+            servfail = text.rstrip(".") in self.servfail
+            delay = self.delay.get(text.rstrip("."), 0.0)
+        if dropped:
+            return None
+        if delay:
+            time.sleep(delay)
+        response = dns.message.make_response(query)
+        response.flags |= dns.flags.AA
+        if servfail:
+            response.set_rcode(dns.rcode.SERVFAIL)
+            return response.to_wire()
+        with self._lock:
+            name = qname
+            for _ in range(8):  # follow CNAMEs inside our data
+                found = self.rrsets.get((name, qtype))
+                cname = self.rrsets.get((name, dns.rdatatype.CNAME))
+                if found is not None:
+                    response.answer.append(found)
+                    break
+                if cname is not None and qtype != dns.rdatatype.CNAME:
+                    response.answer.append(cname)
+                    name = cname[0].target
+                    continue
+                if not response.answer:
+                    if not self._exists(name):
+                        response.set_rcode(dns.rcode.NXDOMAIN)
+                    soa = SOA.format(minimum=self.negative_ttl)
+                    response.authority.append(dns.rrset.from_text(
+                        "test.", self.negative_ttl, "IN", "SOA", soa))
+                break
+        out = response.to_wire()
+        limit = max(512, query.payload if query.edns >= 0 else 512)
+        if transport == "udp" and len(out) > limit:
+            response.answer.clear()
+            response.flags |= dns.flags.TC
+            out = response.to_wire()
+        return out
+
+    def _serve_udp(self) -> None:
+        while True:
+            try:
+                wire, addr = self._udp.recvfrom(65535)
+            except OSError:
+                return
+            try:
+                reply = self.respond(wire, "udp")
+            except Exception:  # noqa: S112 - a malformed query gets no answer, like a real server
+                continue
+            if reply is not None:
+                self._udp.sendto(reply, addr)
+
+    def close(self) -> None:
+        self._tcp.shutdown()
+        self._tcp.server_close()
+        self._udp.close()
