@@ -79,7 +79,8 @@ class Resolver:
             answer = self._resolver.resolve(key[0] + ".", key[1], search=False,
                                             raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN as exc:
-            self._store(key, (), self._negative_ttl(exc.responses().values()), now)
+            responses = exc.responses()  # type: ignore[no-untyped-call]
+            self._store(key, (), self._negative_ttl(responses.values()), now)
             self._count(rtype, "nxdomain", time.perf_counter() - start)
             return ()
         except dns.exception.Timeout:
