@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "milter"))
 
 from mailward.lab import LAB_CONFIG, CaptureSink, MailwardProcess, PostfixLab, merge_ini
+from mailward.labdns import Nameserver
 
 CONFIG = merge_ini(LAB_CONFIG, "[check.tls]\nrequire_domains = secure.example\n")
 
@@ -107,8 +108,9 @@ def main() -> int:
     try:
         for name in ("baseline", "mailward"):
             sink = CaptureSink()
-            config = CONFIG
-            mw = MailwardProcess(config, root / name / "mailward")
+            ns = Nameserver()
+            ns.load_zone('example.org. TXT "v=spf1 ip4:127.0.0.1 -all"\n')
+            mw = MailwardProcess(CONFIG, root / name / "mailward", dns_port=ns.port)
             if args.socket == "unix":
                 sock = root / name / "mailward" / "milter.sock"
                 mw.config_text = CONFIG.replace("inet:{port}@127.0.0.1", f"unix:{sock}")
@@ -135,6 +137,7 @@ def main() -> int:
                 lab.stop()
                 mw.stop()
                 sink.close()
+                ns.close()
         print(f"ratio mailward/baseline: {results['mailward'] / results['baseline']:.2f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)

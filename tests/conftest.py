@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from mailward import config
+from mailward.labdns import Nameserver
 from mailward.transaction import Stage, Tls, Transaction, index_headers
-from tests.dnsserver import Nameserver
 
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
 
@@ -24,9 +24,12 @@ def need(condition: bool, why: str) -> None:
 
 
 def make_config(text: str = "") -> config.Config:
+    """A config for pure tests: no check that needs DNS unless `text` lists the checks."""
     base = "[milter]\nauthserv_id = mx.example.com\ntrusted_networks = 10.0.0.0/8\n"
     if text.lstrip().startswith("[milter]"):
         base = ""
+    if "[policy]" not in text:
+        base += "[policy]\nchecks = tls, bcc, trace, authres\n"
     return config.loads(base + text)
 
 

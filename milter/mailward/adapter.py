@@ -23,6 +23,7 @@ import Milter
 
 from mailward import pipeline, policy
 from mailward.config import Config
+from mailward.dns import Resolver
 from mailward.metrics import Metrics
 from mailward.transaction import (
     Body,
@@ -59,6 +60,9 @@ class Runtime(Protocol):
 
     @property
     def metrics(self) -> Metrics: ...
+
+    @property
+    def resolver(self) -> Resolver | None: ...
 
 
 class ServeError(Exception):
@@ -235,7 +239,8 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
                                      body=self.spool,
                                      queue_id=self.getsymval("i") or self.tx.queue_id)
             self.tx = tx
-            tx, results = pipeline.run(self.config, Stage.EOM, tx, self._observe)
+            tx, results = pipeline.run(self.config, Stage.EOM, tx, self._observe,
+                                       resolver=self.runtime.resolver)
             verdict = policy.decide(results, self.config.policy)
             self._count(results, verdict)
             self._log(tx, verdict)
@@ -271,7 +276,8 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
 
     def _early(self, stage: Stage, tx: Transaction) -> int:
         """Run the checks of MAIL or RCPT; act only on a reject or tempfail."""
-        tx, results = pipeline.run(self.config, stage, tx, self._observe)
+        tx, results = pipeline.run(self.config, stage, tx, self._observe,
+                                   resolver=self.runtime.resolver)
         verdict = policy.decide(results, self.config.policy, final=False)
         if verdict.action is Action.ACCEPT or verdict.reply is None:
             return CONTINUE

@@ -15,6 +15,7 @@ import threading
 from mailward import config as configmod
 from mailward.adapter import ServeError, serve
 from mailward.config import Config
+from mailward.dns import Resolver
 from mailward.errors import ConfigError, MailwardError
 from mailward.metrics import Metrics
 
@@ -30,10 +31,16 @@ class App:
         self.path = path
         self._config = configmod.load(path)
         self.metrics = metrics if metrics is not None else Metrics()
+        self._resolver = Resolver(self._config.dns, metrics=self.metrics)
+        self._resolver.install()
 
     @property
     def config(self) -> Config:
         return self._config
+
+    @property
+    def resolver(self) -> Resolver:
+        return self._resolver
 
     def reload(self) -> bool:
         """Load the config file again; keep the running config when the new one is bad."""
@@ -48,6 +55,9 @@ class App:
             log.warning("reload: [milter] socket and [metrics] listen take effect on restart")
         for warning in new.warnings:
             log.warning("%s", warning)
+        if new.dns != old.dns:
+            self._resolver = Resolver(new.dns, metrics=self.metrics)
+            self._resolver.install()
         self._config = new
         logging.getLogger().setLevel(new.milter.log_level.upper())
         self.metrics.config_reloads.labels(outcome="ok").inc()

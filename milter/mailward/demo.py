@@ -42,6 +42,12 @@ strip_headers = X-Originating-IP, X-Mailer
 """)
 
 
+# The demo's own DNS: example.org lets the lab's 127.0.0.1 send for it (SPF pass).
+ZONE = """
+example.org. TXT "v=spf1 ip4:127.0.0.1 -all"
+"""
+
+
 @dataclass(frozen=True)
 class Sample:
     title: str
@@ -116,7 +122,8 @@ def main(*, keep: bool = False) -> int:
         return 1
     root = Path(tempfile.mkdtemp(prefix="mailward-demo-"))
     print(f"Starting a private Postfix on 127.0.0.1 with mailward attached (in {root}) ...")
-    with running_lab(CONFIG, root=root) as (lab, mw, sink):
+    with running_lab(CONFIG, root=root, zone=ZONE) as running:
+        lab, mw, sink = running.postfix, running.mailward, running.sink
         print(f"  Postfix smtpd 127.0.0.1:{lab.smtp_port}, submission "
               f"127.0.0.1:{lab.submission_port} (ORIGINATING), mailward 127.0.0.1:{mw.port}, "
               f"metrics http://127.0.0.1:{mw.metrics_port}/metrics\n")

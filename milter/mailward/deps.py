@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mailward.config import MilterSettings
+from mailward.dns import Resolver
 from mailward.verdict import CheckResult
 
 
@@ -17,4 +18,5 @@ class Deps:
     """
 
     site: MilterSettings
+    dns: Resolver | None = None
     results: tuple[CheckResult, ...] = ()

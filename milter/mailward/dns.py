@@ -132,6 +132,15 @@ class Resolver:
         records = self.txt(text)
         return records[0] if records else None
 
+    def install(self) -> None:
+        """Make pyspf resolve through this resolver (its lookup is a module global).
+
+        Call once at start-up (and on reload), before milter threads start (STYLE.md §6).
+        """
+        import spf
+
+        spf.DNSLookup = self.spf_lookup
+
     # -- internals ------------------------------------------------------------------------
 
     def _negative_ttl(self, responses: Any) -> int:

@@ -23,15 +23,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailward.labdns import Nameserver
+
 SINK_NAME = "sink.lab.test"
 
-# mailward's config in the lab; {port} and {metrics_port} are filled in by MailwardProcess.
-# Mail from 127.0.0.1 counts as coming from the Internet: trusted_networks is elsewhere.
+# mailward's config in the lab; {port}, {metrics_port} and {dns_port} are filled in by
+# MailwardProcess. Mail from 127.0.0.1 counts as coming from the Internet (trusted_networks
+# is elsewhere), and DNS is the lab's own server (labdns), never the system's.
 LAB_CONFIG = """\
 [milter]
 socket = inet:{port}@127.0.0.1
 authserv_id = mx.lab.test
 trusted_networks = 192.0.2.0/24
+
+[dns]
+nameservers = 127.0.0.1:{dns_port}
+timeout = 1
+lifetime = 2
 
 [metrics]
 listen = 127.0.0.1:{metrics_port}
@@ -345,6 +353,7 @@ class MailwardProcess:
     workdir: Path
     port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
+    dns_port: int = 53
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -363,7 +372,7 @@ class MailwardProcess:
             self.config_text = text
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path().write_text(self.config_text.format(
-            port=self.port, metrics_port=self.metrics_port))
+            port=self.port, metrics_port=self.metrics_port, dns_port=self.dns_port))
 
     def start(self) -> None:
         self.write()
@@ -396,24 +405,37 @@ class MailwardProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+@dataclass
+class Lab:
+    """Everything `running_lab` started."""
+
+    postfix: PostfixLab
+    mailward: MailwardProcess
+    sink: CaptureSink
+    dns: Nameserver
+
+
 @contextlib.contextmanager
-def running_lab(config_text: str, *, root: Path | None = None,
-                main_extra: dict[str, str] | None = None
-                ) -> Iterator[tuple[PostfixLab, MailwardProcess, CaptureSink]]:
-    """Start sink, mailward and Postfix; stop all three on exit."""
+def running_lab(config_text: str, *, root: Path | None = None, zone: str = "",
+                main_extra: dict[str, str] | None = None) -> Iterator[Lab]:
+    """Start a DNS server (serving `zone`), sink, mailward and Postfix; stop all on exit."""
     owned = root is None
     root = root or Path(tempfile.mkdtemp(prefix="mailward-lab-"))
     os.chmod(root, 0o755)  # noqa: S103 - Postfix (user postfix) must reach it
+    ns = Nameserver()
+    if zone:
+        ns.load_zone(zone)
     sink = CaptureSink()
-    mw = MailwardProcess(config_text, root / "mailward")
+    mw = MailwardProcess(config_text, root / "mailward", dns_port=ns.port)
     lab = PostfixLab(root / "postfix", mw.postfix_socket, sink.port, main_extra or {})
     try:
         mw.start()
         lab.start()
-        yield lab, mw, sink
+        yield Lab(lab, mw, sink, ns)
     finally:
         lab.stop()
         mw.stop()
         sink.close()
+        ns.close()
         if owned:
             shutil.rmtree(root, ignore_errors=True)

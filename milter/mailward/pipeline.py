@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from mailward.config import Config, Link, Mode
 from mailward.deps import Deps
+from mailward.dns import Resolver
 from mailward.nets import in_networks
 from mailward.transaction import Direction, Stage, Transaction, domain_of
 from mailward.verdict import Action, CheckResult, Result
@@ -59,8 +60,8 @@ def run_link(link: Link, tx: Transaction, deps: Deps) -> CheckResult:
     return result
 
 
-def run(config: Config, stage: Stage, tx: Transaction,
-        observe: Observer | None = None) -> tuple[Transaction, tuple[CheckResult, ...]]:
+def run(config: Config, stage: Stage, tx: Transaction, observe: Observer | None = None, *,
+        resolver: Resolver | None = None) -> tuple[Transaction, tuple[CheckResult, ...]]:
     """Run every enabled check that acts at `stage`, in chain order."""
     tx = dataclasses.replace(tx, stage=stage, direction=classify(tx, config))
     results: list[CheckResult] = []
@@ -68,7 +69,8 @@ def run(config: Config, stage: Stage, tx: Transaction,
         if stage not in link.module.STAGES:
             continue
         start = time.perf_counter()
-        result = run_link(link, tx, Deps(site=config.milter, results=tuple(results)))
+        result = run_link(link, tx, Deps(site=config.milter, dns=resolver,
+                                         results=tuple(results)))
         if observe is not None:
             observe(link.name, result, time.perf_counter() - start)
         results.append(result)

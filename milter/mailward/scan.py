@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from mailward import pipeline, policy
 from mailward.config import Config
+from mailward.dns import Resolver
 from mailward.transaction import Body, Stage, Tls, Transaction, index_headers
 from mailward.verdict import Action, AddHeader, ChangeHeader, DeleteHeader, Verdict
 
@@ -58,13 +59,15 @@ def scan(config: Config, raw: bytes, *, client_ip: str = "", helo: str = "",
          mail_from: str = "", rcpts: tuple[str, ...] = (), tls_version: str = "",
          auth_user: str = "", daemon_name: str = "") -> ScanReport:
     """Drive MAIL, each RCPT and end of message for `raw`, as the adapter would."""
+    resolver = Resolver(config.dns)
+    resolver.install()
     pairs, body_bytes = parse_message(raw)
     base = Transaction(
         stage=Stage.CONNECT,
         client_ip=ipaddress.ip_address(client_ip) if client_ip else None,
         helo=helo, tls=Tls(tls_version) if tls_version else None, auth_user=auth_user,
         daemon_name=daemon_name, mail_from=mail_from)
-    tx, results = pipeline.run(config, Stage.MAIL, base)
+    tx, results = pipeline.run(config, Stage.MAIL, base, resolver=resolver)
     mail = policy.decide(results, config.policy, final=False)
     if mail.action is not Action.ACCEPT:
         return ScanReport(mail, (), None, str(tx.direction))
@@ -72,7 +75,7 @@ def scan(config: Config, raw: bytes, *, client_ip: str = "", helo: str = "",
     accepted: tuple[str, ...] = ()
     for rcpt in rcpts:
         candidate = dataclasses.replace(tx, recipients=(*accepted, rcpt))
-        _, results = pipeline.run(config, Stage.RCPT, candidate)
+        _, results = pipeline.run(config, Stage.RCPT, candidate, resolver=resolver)
         verdict = policy.decide(results, config.policy, final=False)
         verdicts.append((rcpt, verdict))
         if verdict.action is Action.ACCEPT:
@@ -84,7 +87,7 @@ def scan(config: Config, raw: bytes, *, client_ip: str = "", helo: str = "",
         body.write(body_bytes)
         eom = dataclasses.replace(tx, recipients=accepted, headers=index_headers(pairs),
                                   body=body)
-        eom, results = pipeline.run(config, Stage.EOM, eom)
+        eom, results = pipeline.run(config, Stage.EOM, eom, resolver=resolver)
         final = policy.decide(results, config.policy)
     finally:
         body.close()

@@ -31,6 +31,7 @@ class Runtime:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
+        self.resolver = None  # the chain below needs no DNS
 
 
 class RecordingCtx(testctx.TestCtx):  # type: ignore[misc]

@@ -10,8 +10,8 @@ import spf
 
 from mailward.config import DnsSettings
 from mailward.dns import DnsServFail, DnsTimeout, Resolver
+from mailward.labdns import Nameserver
 from mailward.metrics import Metrics
-from tests.dnsserver import Nameserver
 
 
 class Clock:

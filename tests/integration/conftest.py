@@ -33,6 +33,7 @@ from mailward.lab import (
     merge_ini,
     missing_tools,
 )
+from mailward.labdns import Nameserver
 from tests.conftest import need
 
 BASE_CONFIG = merge_ini(LAB_CONFIG, """
@@ -60,11 +61,20 @@ class Outcome:
     refused: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
+# DNS the integration tests' mailward sees: alice@example.org may send from the lab's
+# 127.0.0.1; spoofed.example allows nobody.
+ZONE = """
+example.org.      TXT "v=spf1 ip4:127.0.0.1 -all"
+spoofed.example.  TXT "v=spf1 -all"
+"""
+
+
 @dataclass
 class Harness:
     lab: PostfixLab
     mw: MailwardProcess
     sink: CaptureSink
+    dns: Nameserver
 
     def message(self, headers: str = "", body: str = "Hello.\r\n", *,
                 sender: str = "alice@example.org", to: str = "bob@example.net") -> tuple[
@@ -156,17 +166,20 @@ def harness() -> Iterator[Harness]:
     need(not missing, f"Debian packages missing: apt-get install {' '.join(missing)}")
     root = Path(tempfile.mkdtemp(prefix="mailward-it-"))
     os.chmod(root, 0o755)  # noqa: S103 - Postfix (user postfix) must reach it
+    ns = Nameserver()
+    ns.load_zone(ZONE)
     sink = CaptureSink()
-    mw = MailwardProcess(BASE_CONFIG, root / "mailward")
+    mw = MailwardProcess(BASE_CONFIG, root / "mailward", dns_port=ns.port)
     lab = PostfixLab(root / "postfix", mw.postfix_socket, sink.port)
     try:
         mw.start()
         lab.start()
-        yield Harness(lab, mw, sink)
+        yield Harness(lab, mw, sink, ns)
     finally:
         lab.stop()
         mw.stop()
         sink.close()
+        ns.close()
         if not os.environ.get("MAILWARD_KEEP_LAB"):
             shutil.rmtree(root, ignore_errors=True)
 

@@ -39,7 +39,9 @@ def test_clean_message_over_tls_gets_our_authentication_results(harness: Harness
                               "Message-ID", "X-Fold", "Subject", "Date"]
     ar = headers[0][1]
     assert re.fullmatch(r" mx\.lab\.test;\n\tx-tls=pass smtp\.version=TLSv1\.3 "
-                        r"smtp\.cipher=\S+ smtp\.bits=\d+", ar), ar
+                        r"smtp\.cipher=\S+ smtp\.bits=\d+;\n"
+                        r"\tspf=none smtp\.helo=client\.example\.org;\n"
+                        r"\tspf=pass smtp\.mailfrom=alice@example\.org", ar), ar
     # header values arrive byte-exact (SMFIP_HDR_LEADSPC), folds included
     assert dict(headers)["Subject"] == "  two  spaces "
     assert dict(headers)["X-Fold"] == " first\n\t second"
@@ -82,7 +84,7 @@ def test_no_tls_is_refused_per_recipient_before_data(harness: Harness) -> None:
     got = harness.arrived(mid)
     assert got.rcpts == ["b@example.net"]
     ar = dict(got.headers())["Authentication-Results"]
-    assert ar == " mx.lab.test;\n\tx-tls=none"
+    assert ar.startswith(" mx.lab.test;\n\tx-tls=none;\n")
 
 
 def test_require_inbound_refuses_at_mail_from(harness: Harness) -> None:
@@ -123,6 +125,19 @@ def test_monitor_mode_accepts_and_counts_what_it_would_have_done(harness: Harnes
         assert harness.metric("mailward_monitor_actions_total", check="tls",
                               action="reject") >= 1
         assert "tls=fail(would reject)" in harness.mw.log()
+
+
+def test_spf_fail_refused_at_mail_from_when_configured(harness: Harness) -> None:
+    mid, data = harness.message(sender="ceo@spoofed.example")
+    out = harness.send(data, mail_from="ceo@spoofed.example")
+    assert out.code == 250  # default: SPF alone decides nothing
+    ar = dict(harness.arrived(mid).headers())["Authentication-Results"]
+    assert "spf=fail smtp.mailfrom=ceo@spoofed.example" in ar
+    with harness.configured("[check.spf]\non_fail = reject\n"):
+        out = harness.send(data, mail_from="ceo@spoofed.example")
+        assert (out.stage, out.code, out.text) == ("mail", 550,
+                                                   "5.7.23 SPF validation failed")
+        assert harness.send(data, mail_from="alice@example.org").code == 250
 
 
 # -- trace -----------------------------------------------------------------------------------

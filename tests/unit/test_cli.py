@@ -9,19 +9,22 @@ import pytest
 
 from mailward import __version__
 from mailward.cli import main
+from mailward.labdns import Nameserver
 from mailward.scan import parse_message
 
 MESSAGE = (b"From: a@example.org\r\nTo: b@example.net\r\nBcc: hidden@example.org\r\n"
            b"Authentication-Results: mx.example.com; spf=pass\r\n"
            b"Subject:  two spaces\r\nX-Fold: one\r\n\ttwo\r\n\r\nbody\r\n")
 CONFIG = ("[milter]\nauthserv_id = mx.example.com\n"
+          "[dns]\nnameservers = 127.0.0.1:{port}\ntimeout = 0.5\nlifetime = 1\n"
           "[check.tls]\nrequire_domains = secure.example\n")
 
 
 @pytest.fixture
-def files(tmp_path: Path) -> tuple[Path, Path]:
+def files(tmp_path: Path, nameserver: Nameserver) -> tuple[Path, Path]:
+    nameserver.add("example.org", "TXT", '"v=spf1 ip4:203.0.113.0/24 -all"')
     (tmp_path / "m.eml").write_bytes(MESSAGE)
-    (tmp_path / "c.ini").write_text(CONFIG)
+    (tmp_path / "c.ini").write_text(CONFIG.format(port=nameserver.port))
     return tmp_path / "m.eml", tmp_path / "c.ini"
 
 
@@ -36,13 +39,25 @@ def test_scan_json(files: tuple[Path, Path], capsys: pytest.CaptureFixture[str])
     final = data["final"]
     assert final["action"] == "accept"
     assert {r["check"]: r["result"] for r in final["results"]} == {
-        "tls": "pass", "bcc": "pass", "trace": "none", "authres": "pass"}
+        "tls": "pass", "spf": "pass", "bcc": "pass", "trace": "none", "authres": "pass"}
     assert final["header_edits"] == [
         {"op": "delete", "name": "Authentication-Results", "index": 1},
         {"op": "delete", "name": "Bcc", "index": 1},
         {"op": "insert", "name": "Authentication-Results",
-         "value": "mx.example.com;\n\tx-tls=pass smtp.version=TLSv1.3"},
+         "value": "mx.example.com;\n\tx-tls=pass smtp.version=TLSv1.3;\n"
+                  "\tspf=pass smtp.mailfrom=a@example.org"},
     ]
+
+
+def test_scan_spf_fail_refused_at_mail_from(files: tuple[Path, Path],
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    eml, ini = files
+    ini.write_text(ini.read_text() + "[check.spf]\non_fail = reject\n")
+    rc = main(["scan", str(eml), "-c", str(ini), "--client-ip", "198.51.100.9",
+               "--helo", "client.example.net", "--mail-from", "a@example.org"])
+    out = capsys.readouterr().out
+    assert rc == 2
+    assert "MAIL FROM: reject  550 5.7.23 SPF validation failed  (by spf)" in out
 
 
 def test_scan_human_refused_before_data(files: tuple[Path, Path],

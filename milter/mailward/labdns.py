@@ -1,4 +1,5 @@
-"""A real DNS server on 127.0.0.1 for tests: UDP and TCP on one port, records from zone text.
+"""A real DNS server on 127.0.0.1 for the lab (tests, demo, benchmarks): UDP and TCP on one
+port, records from zone text or added one by one.
 
 Failure modes: names in `drop` are never answered (a timeout), names in `servfail` get
 SERVFAIL, names in `delay` are answered late. UDP answers larger than 512 bytes (or the
@@ -17,6 +18,7 @@ import dns.flags
 import dns.message
 import dns.name
 import dns.rcode
+import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
@@ -31,6 +33,8 @@ class Nameserver:
     def __init__(self, *, negative_ttl: int = 60) -> None:
         self.rrsets: dict[tuple[dns.name.Name, int], dns.rrset.RRset] = {}
         self.drop: set[str] = set()
+        # names whose queries time out unless the name has records of the asked type
+        self.drop_missing: set[str] = set()
         self.servfail: set[str] = set()
         self.delay: dict[str, float] = {}
         self.queries: list[tuple[str, str, str]] = []
@@ -69,6 +73,7 @@ class Nameserver:
         with self._lock:
             self.rrsets.clear()
             self.drop.clear()
+            self.drop_missing.clear()
             self.servfail.clear()
             self.delay.clear()
             self.queries.clear()
@@ -79,11 +84,24 @@ class Nameserver:
         with self._lock:
             key = (rrset.name, rrset.rdtype)
             if key in self.rrsets:
-                self.rrsets[key].union_update(rrset)
+                self.rrsets[key].union_update(rrset)  # type: ignore[no-untyped-call]
+            else:
+                self.rrsets[key] = rrset
+
+    def add_rdata(self, name: str, rdata: dns.rdata.Rdata, ttl: int = 300) -> None:
+        """Add one record built by the caller (e.g. TXT strings with arbitrary bytes)."""
+        rrset = dns.rrset.from_rdata(dns.name.from_text(name), ttl, rdata)
+        with self._lock:
+            key = (rrset.name, rrset.rdtype)
+            if key in self.rrsets:
+                self.rrsets[key].add(rdata)
             else:
                 self.rrsets[key] = rrset
 
     def load_zone(self, text: str, origin: str = ".") -> None:
+        """Add every record of zone-file text (a default TTL of 300 unless it sets $TTL)."""
+        if "$TTL" not in text:
+            text = "$TTL 300\n" + text
         zone = dns.zone.from_text(text, origin=origin, relativize=False, check_origin=False)
         for name, ttl, rdata in zone.iterate_rdatas():
             self.add(name.to_text(), dns.rdatatype.to_text(rdata.rdtype), rdata.to_text(),
@@ -106,7 +124,8 @@ class Nameserver:
         text = qname.to_text().lower()
         with self._lock:
             self.queries.append((text, dns.rdatatype.to_text(qtype), transport))
-            dropped = text.rstrip(".") in self.drop
+            dropped = text.rstrip(".") in self.drop or (
+                text.rstrip(".") in self.drop_missing and (qname, qtype) not in self.rrsets)
             servfail = text.rstrip(".") in self.servfail
             delay = self.delay.get(text.rstrip("."), 0.0)
         if dropped:

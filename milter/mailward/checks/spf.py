@@ -1,0 +1,118 @@
+"""spf: may the client IP send for the MAIL FROM domain, and for the HELO name? (RFC 7208)
+
+Evaluated with pyspf, whose DNS goes through mailward's resolver (`dns.install`). Inbound
+mail only: outbound and internal mail from our own users is never judged (result `none`,
+nothing in Authentication-Results).
+
+Results are RFC 7208's words: pass, fail, softfail, neutral, none, temperror (DNS timeout or
+SERVFAIL: never `fail` or `none`), permerror. The HELO identity is checked on its own
+(§2.3, `smtp.helo`); for the null sender `<>` the MAIL FROM result is the HELO result (§2.4).
+Each result has a configurable action (default accept: SPF feeds DMARC); a refusal is sent at
+MAIL FROM.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import spf as pyspf
+
+from mailward.config import Section
+from mailward.deps import Deps
+from mailward.transaction import Direction, Stage, Transaction
+from mailward.verdict import Action, AuthResEntry, CheckResult, Reply, Result
+
+NAME = "spf"
+STAGES = (Stage.MAIL, Stage.EOM)
+ACTIONS = (Action.ACCEPT, Action.REJECT, Action.TEMPFAIL, Action.QUARANTINE)
+RESULTS = ("fail", "softfail", "neutral", "none", "permerror", "temperror")
+_HOSTNAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+\.?")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """[check.spf]"""
+
+    check_helo: bool = True
+    timeout: float = 15.0  # all lookups of one evaluation (RFC 7208 §4.6.4 suggests >= 20)
+    on_fail: Action = Action.ACCEPT
+    on_softfail: Action = Action.ACCEPT
+    on_neutral: Action = Action.ACCEPT
+    on_none: Action = Action.ACCEPT
+    on_permerror: Action = Action.ACCEPT
+    on_temperror: Action = Action.ACCEPT
+    fail_reply: Reply = Reply(550, "5.7.23", "SPF validation failed")
+    permerror_reply: Reply = Reply(550, "5.7.24", "SPF record of the sender domain is invalid")
+    temperror_reply: Reply = Reply(451, "4.7.24", "SPF check failed temporarily, try again later")
+
+    @classmethod
+    def load(cls, sec: Section) -> Settings:
+        actions = {f"on_{r}": sec.choice(f"on_{r}", Action, Action.ACCEPT, ACTIONS)
+                   for r in RESULTS}
+        return cls(
+            check_helo=sec.boolean("check_helo", cls.check_helo),
+            timeout=sec.seconds("timeout", cls.timeout, maximum=60),
+            **actions,
+            fail_reply=sec.reply("fail_reply", str(cls.fail_reply), temporary=False),
+            permerror_reply=sec.reply("permerror_reply", str(cls.permerror_reply),
+                                      temporary=False),
+            temperror_reply=sec.reply("temperror_reply", str(cls.temperror_reply),
+                                      temporary=True),
+        )
+
+    def action(self, result: Result) -> Action:
+        action: Action = getattr(self, f"on_{result}", Action.ACCEPT)
+        return action
+
+
+def evaluate(*, ip: str, sender: str, helo: str, timeout: float) -> tuple[Result, str]:
+    """One SPF evaluation (RFC 7208 §4): the result and pyspf's explanation."""
+    try:
+        q = pyspf.query(i=ip, s=sender, h=helo, querytime=timeout)
+        word, _, explanation = q.check()
+    except pyspf.TempError as exc:  # raised outside check() for some inputs
+        return Result.TEMPERROR, str(exc)
+    except pyspf.PermError as exc:
+        return Result.PERMERROR, str(exc)
+    try:
+        return Result(word), str(explanation)
+    except ValueError:
+        return Result.PERMERROR, f"unexpected SPF result {word!r}"
+
+
+def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
+    """Evaluate SPF for HELO and MAIL FROM (see the module docstring)."""
+    if tx.direction is not Direction.INBOUND or tx.client_ip is None:
+        return CheckResult(NAME, Result.NONE, reason=f"{tx.direction}: not checked")
+    if deps.dns is None or pyspf.DNSLookup != deps.dns.spf_lookup:
+        # never let pyspf fall back to its own, unbounded and uncounted, DNS
+        raise RuntimeError("pyspf is not bound to mailward's resolver (Resolver.install)")
+    mapped = getattr(tx.client_ip, "ipv4_mapped", None)
+    ip = str(mapped or tx.client_ip)
+    entries = []
+    helo_result = None
+    if (settings.check_helo or not tx.mail_from) and _HOSTNAME.fullmatch(tx.helo):
+        helo_result, helo_why = evaluate(ip=ip, sender=f"postmaster@{tx.helo}", helo=tx.helo,
+                                         timeout=settings.timeout)
+        entries.append(AuthResEntry("spf", helo_result, properties=(("smtp", "helo", tx.helo),)))
+    if tx.mail_from:
+        result, why = evaluate(ip=ip, sender=tx.mail_from, helo=tx.helo,
+                               timeout=settings.timeout)
+        entries.append(AuthResEntry("spf", result,
+                                    properties=(("smtp", "mailfrom", tx.mail_from),)))
+    elif helo_result is not None:
+        result, why = helo_result, helo_why
+    else:
+        result, why = Result.NONE, "null sender and no usable HELO name"
+    action = settings.action(result)
+    reply = None
+    if action in (Action.REJECT, Action.TEMPFAIL):
+        reply = {Result.TEMPERROR: settings.temperror_reply,
+                 Result.PERMERROR: settings.permerror_reply}.get(result, settings.fail_reply)
+        if action is Action.TEMPFAIL and not reply.temporary:
+            reply = settings.temperror_reply
+        if action is Action.REJECT and reply.temporary:
+            reply = settings.fail_reply
+    return CheckResult(NAME, result, action=action, reply=reply, reason=why,
+                       authres=tuple(entries))
