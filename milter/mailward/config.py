@@ -390,7 +390,7 @@ def from_parser(path: str, parser: configparser.ConfigParser) -> Config:
     dns = DnsSettings.load(section("dns"))
     metrics = MetricsSettings.load(section("metrics"))
     psec = section("policy")
-    order = psec.words("checks", ("tls", "spf", "bcc", "trace", "authres"))
+    order = psec.words("checks", ("tls", "spf", "dkim", "bcc", "trace", "authres"))
     for name in order:
         if name not in CHECKS:
             raise psec.error("checks", f"check names from {', '.join(CHECKS)}", name)

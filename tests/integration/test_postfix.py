@@ -41,7 +41,8 @@ def test_clean_message_over_tls_gets_our_authentication_results(harness: Harness
     assert re.fullmatch(r" mx\.lab\.test;\n\tx-tls=pass smtp\.version=TLSv1\.3 "
                         r"smtp\.cipher=\S+ smtp\.bits=\d+;\n"
                         r"\tspf=none smtp\.helo=client\.example\.org;\n"
-                        r"\tspf=pass smtp\.mailfrom=alice@example\.org", ar), ar
+                        r"\tspf=pass smtp\.mailfrom=alice@example\.org;\n"
+                        r"\tdkim=none", ar), ar
     # header values arrive byte-exact (SMFIP_HDR_LEADSPC), folds included
     assert dict(headers)["Subject"] == "  two  spaces "
     assert dict(headers)["X-Fold"] == " first\n\t second"
@@ -138,6 +139,30 @@ def test_spf_fail_refused_at_mail_from_when_configured(harness: Harness) -> None
         assert (out.stage, out.code, out.text) == ("mail", 550,
                                                    "5.7.23 SPF validation failed")
         assert harness.send(data, mail_from="alice@example.org").code == 250
+
+
+def test_dkim_simple_canonicalization_survives_postfix(harness: Harness) -> None:
+    import dkim as dkimpy
+
+    from tests.dns.test_dkim import publish, rsa_key
+
+    pem, public = rsa_key(2048)
+    publish(harness.dns, "it._domainkey.example.org", f"v=DKIM1; k=rsa; p={public}")
+    mid, data = harness.message("X-Folded: first\r\n\t  second\r\n",
+                                body="Body with trailing space  \r\n\r\n")
+    data = data.replace(b"Subject: test", b"Subject:  two  spaces")
+    for canon in ((b"simple", b"simple"), (b"relaxed", b"relaxed")):
+        signed = dkimpy.sign(data, b"it", b"example.org", pem, canonicalize=canon) + data
+        assert harness.send(signed).code == 250
+    got = [m for m in harness.sink.messages if mid.encode() in m.data]
+    deadline = time.monotonic() + 30
+    while len(got) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        got = [m for m in harness.sink.messages if mid.encode() in m.data]
+    assert len(got) == 2
+    for m in got:
+        ar = dict(m.headers())["Authentication-Results"]
+        assert "dkim=pass header.d=example.org header.s=it header.a=rsa-sha256" in ar, ar
 
 
 # -- trace -----------------------------------------------------------------------------------

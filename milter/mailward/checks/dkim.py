@@ -1,0 +1,232 @@
+"""dkim: which DKIM signatures of an inbound message verify? (RFC 6376, RFC 8463, RFC 8301)
+
+Every signature up to `max_signatures` is verified with dkimpy, its key fetched through
+mailward's resolver; later ones are reported `policy` (not verified). Results per signature
+(RFC 8601 §2.7.1), each in Authentication-Results with header.d, header.s, header.a and
+header.b (the first 8 characters of b=):
+- pass: verified. A signature whose l= leaves part of the body unsigned is `policy` instead,
+  unless `accept_partial_body` (RFC 6376 §8.2).
+- fail: the signature or body hash does not verify; or it cannot be valid by RFC 8301:
+  rsa-sha1, or an RSA key under 1024 bits. A key under `min_key_bits` but >= 1024 is `policy`.
+- neutral: the signature field is malformed (tag syntax, missing tags, bad base64, v≠1,
+  unknown algorithm).
+- permerror: no key, a revoked key (empty p=), a malformed key record, a key type that does not
+  match a=, a key h= that excludes the hash, t=s with an i= below d=, an h= without From
+  (RFC 6376 §5.4), an expired x=.
+- temperror: the key lookup timed out or failed (never `fail`).
+dkimpy 1.1.8 lets rsa-sha1, From-less h=, the key's h= and t=s, and up to 10 hours of expired x=
+through; mailward checks those itself before the crypto.
+
+The check itself never refuses mail: DKIM feeds DMARC. Inbound mail only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from dataclasses import dataclass
+
+import dkim as dkimpy
+from dkim.canonicalization import CanonicalizationPolicy
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from mailward.config import Section
+from mailward.deps import Deps
+from mailward.dns import DnsError, Resolver
+from mailward.transaction import Direction, Stage, Transaction
+from mailward.verdict import AuthResEntry, CheckResult, Result
+
+NAME = "dkim"
+STAGES = (Stage.EOM,)
+MIN_RSA_BITS = 1024  # RFC 8301 §3.2
+ALGORITHMS = {b"rsa-sha256": (b"rsa", b"sha256"), b"ed25519-sha256": (b"ed25519", b"sha256")}
+FIELD = "DKIM-Signature"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """[check.dkim]"""
+
+    max_signatures: int = 5
+    min_key_bits: int = 1024
+    accept_partial_body: bool = False
+    max_message_size: int = 64 * 1024 * 1024
+
+    @classmethod
+    def load(cls, sec: Section) -> Settings:
+        return cls(
+            max_signatures=sec.integer("max_signatures", cls.max_signatures, minimum=1,
+                                       maximum=50),
+            min_key_bits=sec.integer("min_key_bits", cls.min_key_bits, minimum=MIN_RSA_BITS,
+                                     maximum=16384),
+            accept_partial_body=sec.boolean("accept_partial_body", cls.accept_partial_body),
+            max_message_size=sec.size("max_message_size", cls.max_message_size),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """The outcome for one signature."""
+
+    result: Result
+    reason: str
+    domain: str = ""
+    selector: str = ""
+    algorithm: str = ""
+    b: str = ""
+
+    def entry(self) -> AuthResEntry:
+        props = tuple(("header", k, v) for k, v in (
+            ("d", self.domain), ("s", self.selector), ("a", self.algorithm), ("b", self.b[:8]))
+            if v)
+        reason = "" if self.result is Result.PASS else self.reason
+        return AuthResEntry("dkim", self.result, reason=reason, properties=props)
+
+
+def _text(value: bytes) -> str:
+    return value.decode("ascii", "replace")
+
+
+def _key_problem(tags: dict[bytes, bytes], key: dict[bytes, bytes]) -> str:
+    """Why the key record cannot verify this signature (RFC 6376 §3.6.1), or ''."""
+    if not re.sub(rb"\s+", b"", key.get(b"p", b"")):
+        return "key revoked (empty p=)"
+    if key.get(b"v", b"DKIM1") != b"DKIM1":
+        return "key record v= is not DKIM1"
+    key_type, hash_name = ALGORITHMS[tags[b"a"]]
+    if key.get(b"k", b"rsa").strip().lower() != key_type:
+        return f"key type {_text(key.get(b'k', b'rsa'))} does not match a={_text(tags[b'a'])}"
+    if b"h" in key and hash_name not in [h.strip().lower() for h in key[b"h"].split(b":")]:
+        return f"key h={_text(key[b'h'])} does not allow {_text(hash_name)}"
+    flags = [f.strip() for f in key.get(b"t", b"").split(b":")]
+    if b"s" in flags and b"i" in tags:
+        i_domain = tags[b"i"].rpartition(b"@")[2].lower().rstrip(b".")
+        if i_domain != tags[b"d"].lower().rstrip(b"."):
+            return "key t=s forbids an i= below d="
+    return ""
+
+
+Problem = tuple[Result, str]
+
+
+def _signature_problem(tags: dict[bytes, bytes], now: float) -> Problem | None:
+    """What makes the signature field unusable before any key or crypto, or None."""
+    if tags.get(b"a") == b"rsa-sha1":
+        return Result.FAIL, "rsa-sha1 is not acceptable (RFC 8301)"
+    try:
+        dkimpy.validate_signature_fields(tags)
+    except dkimpy.ValidationError as exc:
+        # dkimpy allows 10 hours past x=; expiry is judged below, exactly
+        if b"x" not in tags or not str(exc).startswith("x= value is past"):
+            return Result.NEUTRAL, f"malformed signature: {exc}"
+    if tags[b"a"] not in ALGORITHMS:
+        return Result.NEUTRAL, f"unknown algorithm {_text(tags[b'a'])}"
+    if b"from" not in [h.strip().lower() for h in tags[b"h"].split(b":")]:
+        return Result.PERMERROR, "h= does not sign From (RFC 6376 §5.4)"
+    if b"x" in tags and int(tags[b"x"]) < now:
+        return Result.PERMERROR, "signature expired (x=)"
+    return None
+
+
+def _key(tags: dict[bytes, bytes], name: str, *, resolver: Resolver,
+         settings: Settings) -> tuple[bytes, Problem | None]:
+    """The key record for the signature, or why it cannot verify it."""
+    try:
+        record = resolver.dkim_txt(name)
+    except DnsError as exc:
+        return b"", (Result.TEMPERROR, f"key lookup failed: {exc}")
+    if record is None:
+        return b"", (Result.PERMERROR, f"no key at {name}")
+    try:
+        problem = _key_problem(tags, parse_tag_value(record))
+        if problem:
+            return record, (Result.PERMERROR, problem)
+        _, bits, _, _ = dkimpy.evaluate_pk(name.encode(), record)
+    except (InvalidTagValueList, dkimpy.DKIMException, ValueError) as exc:
+        # dkimpy lets binascii.Error (a ValueError) out of evaluate_pk for bad base64
+        return record, (Result.PERMERROR, f"malformed key record: {exc}")
+    if tags[b"a"].startswith(b"rsa") and bits < MIN_RSA_BITS:
+        return record, (Result.FAIL, f"RSA key of {bits} bits (RFC 8301)")
+    if tags[b"a"].startswith(b"rsa") and bits < settings.min_key_bits:
+        return record, (Result.POLICY, f"RSA key of {bits} bits < min_key_bits")
+    return record, None
+
+
+def verify_one(message: dkimpy.DKIM, idx: int, value: str, *, resolver: Resolver,
+               settings: Settings, now: float) -> Signature:
+    """Verify the idx-th DKIM-Signature field (value as received) of `message`."""
+    try:
+        tags = parse_tag_value(value.encode("utf-8", "surrogateescape"))
+    except InvalidTagValueList as exc:
+        return Signature(Result.NEUTRAL, f"malformed signature: {exc}")
+    sig = Signature(Result.NONE, "", domain=_text(tags.get(b"d", b"")),
+                    selector=_text(tags.get(b"s", b"")), algorithm=_text(tags.get(b"a", b"")),
+                    b=_text(re.sub(rb"\s+", b"", tags.get(b"b", b""))))
+    problem = _signature_problem(tags, now)
+    if problem is None:
+        record, problem = _key(tags, f"{sig.selector}._domainkey.{sig.domain}",
+                               resolver=resolver, settings=settings)
+    if problem is None:
+        problem = _crypto(message, idx, tags, record, settings)
+    return dataclasses.replace(sig, result=problem[0], reason=problem[1])
+
+
+def _crypto(message: dkimpy.DKIM, idx: int, tags: dict[bytes, bytes], record: bytes,
+            settings: Settings) -> Problem:
+    """Verify signature and body hash with dkimpy; then judge l=."""
+    try:
+        ok = message.verify(idx=idx, dnsfunc=lambda *_a, **_k: record)
+    except dkimpy.ValidationError as exc:
+        return Result.FAIL, str(exc).split(" (")[0]
+    except (dkimpy.DKIMException, ValueError, TypeError, IndexError) as exc:
+        # malformed input dkimpy did not anticipate: unrecoverable for this signature
+        return Result.PERMERROR, f"cannot verify: {exc}"
+    if not ok:
+        return Result.FAIL, "signature did not verify"
+    if b"l" in tags and not settings.accept_partial_body:
+        policy = CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
+        length = len(policy.canonicalize_body(message.body))
+        if int(tags[b"l"]) < length:
+            return Result.POLICY, f"l= signs {int(tags[b'l'])} of {length} body bytes"
+    return Result.PASS, ""
+
+
+def message_bytes(tx: Transaction) -> bytes:
+    """The message as received: header fields byte-exact (CRLF folds), blank line, body."""
+    head = b"".join(
+        h.name.encode("ascii", "surrogateescape") + b":"
+        + h.value.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8", "surrogateescape")
+        + b"\r\n" for h in tx.headers)
+    body = b"".join(tx.body.chunks()) if tx.body is not None else b""
+    return head + b"\r\n" + body
+
+
+def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
+    """Verify the signatures of `tx` (see the module docstring)."""
+    fields = tx.get_all(FIELD)
+    if tx.direction is not Direction.INBOUND:
+        return CheckResult(NAME, Result.NONE, reason=f"{tx.direction}: not checked")
+    if not fields:
+        return CheckResult(NAME, Result.NONE, reason="no signature",
+                           authres=(AuthResEntry("dkim", Result.NONE),))
+    if deps.dns is None:
+        raise RuntimeError("dkim needs mailward's resolver")
+    size = sum(len(h.name) + len(h.value) for h in tx.headers) + (
+        tx.body.size if tx.body else 0)
+    if size > settings.max_message_size:
+        sigs = [Signature(Result.POLICY, "message larger than max_message_size: not verified")
+                for _ in fields]
+    else:
+        message = dkimpy.DKIM(message_bytes(tx), minkey=MIN_RSA_BITS)
+        now = time.time()
+        sigs = [verify_one(message, i, h.value, resolver=deps.dns, settings=settings, now=now)
+                if i < settings.max_signatures else
+                Signature(Result.POLICY, "over max_signatures: not verified")
+                for i, h in enumerate(fields)]
+    results = {s.result for s in sigs}
+    overall = next((r for r in (Result.PASS, Result.TEMPERROR, Result.FAIL, Result.POLICY,
+                                Result.PERMERROR, Result.NEUTRAL) if r in results), Result.NONE)
+    reason = "; ".join(f"{s.domain or '?'}: {s.result}" + (f" ({s.reason})" if s.reason else "")
+                       for s in sigs)
+    return CheckResult(NAME, overall, reason=reason, authres=tuple(s.entry() for s in sigs))
