@@ -390,12 +390,15 @@ def from_parser(path: str, parser: configparser.ConfigParser) -> Config:
     dns = DnsSettings.load(section("dns"))
     metrics = MetricsSettings.load(section("metrics"))
     psec = section("policy")
-    order = psec.words("checks", ("tls", "spf", "dkim", "bcc", "trace", "authres"))
+    order = psec.words("checks", ("tls", "spf", "dkim", "dmarc", "bcc", "trace", "authres"))
     for name in order:
         if name not in CHECKS:
             raise psec.error("checks", f"check names from {', '.join(CHECKS)}", name)
     if len(set(order)) != len(order):
         raise psec.error("checks", "each check named once", ", ".join(order))
+    if "dmarc" in order and not {"spf", "dkim"} <= set(order[:order.index("dmarc")]):
+        raise psec.error("checks", "spf and dkim before dmarc, which uses their results",
+                         ", ".join(order))
     if "authres" in order and order[-1] != "authres":
         raise psec.error("checks", "authres last, so it reports every other check",
                          ", ".join(order))

@@ -62,10 +62,16 @@ class Outcome:
 
 
 # DNS the integration tests' mailward sees: alice@example.org may send from the lab's
-# 127.0.0.1; spoofed.example allows nobody.
+# 127.0.0.1 (SPF, aligned: DMARC pass); spoofed.example and held.example allow nobody and
+# publish DMARC reject and quarantine; spfonly.example has SPF but no DMARC.
 ZONE = """
-example.org.      TXT "v=spf1 ip4:127.0.0.1 -all"
-spoofed.example.  TXT "v=spf1 -all"
+example.org.             TXT "v=spf1 ip4:127.0.0.1 -all"
+_dmarc.example.org.      TXT "v=DMARC1; p=reject"
+spoofed.example.         TXT "v=spf1 -all"
+_dmarc.spoofed.example.  TXT "v=DMARC1; p=reject"
+held.example.            TXT "v=spf1 -all"
+_dmarc.held.example.     TXT "v=DMARC1; p=quarantine"
+spfonly.example.         TXT "v=spf1 -all"
 """
 
 

@@ -42,7 +42,8 @@ def test_clean_message_over_tls_gets_our_authentication_results(harness: Harness
                         r"smtp\.cipher=\S+ smtp\.bits=\d+;\n"
                         r"\tspf=none smtp\.helo=client\.example\.org;\n"
                         r"\tspf=pass smtp\.mailfrom=alice@example\.org;\n"
-                        r"\tdkim=none", ar), ar
+                        r"\tdkim=none;\n"
+                        r"\tdmarc=pass header\.from=example\.org policy\.dmarc=reject", ar), ar
     # header values arrive byte-exact (SMFIP_HDR_LEADSPC), folds included
     assert dict(headers)["Subject"] == "  two  spaces "
     assert dict(headers)["X-Fold"] == " first\n\t second"
@@ -129,13 +130,14 @@ def test_monitor_mode_accepts_and_counts_what_it_would_have_done(harness: Harnes
 
 
 def test_spf_fail_refused_at_mail_from_when_configured(harness: Harness) -> None:
-    mid, data = harness.message(sender="ceo@spoofed.example")
-    out = harness.send(data, mail_from="ceo@spoofed.example")
+    mid, data = harness.message(sender="ceo@spfonly.example")
+    out = harness.send(data, mail_from="ceo@spfonly.example")
     assert out.code == 250  # default: SPF alone decides nothing
     ar = dict(harness.arrived(mid).headers())["Authentication-Results"]
-    assert "spf=fail smtp.mailfrom=ceo@spoofed.example" in ar
+    assert "spf=fail smtp.mailfrom=ceo@spfonly.example" in ar
+    assert "dmarc=none header.from=spfonly.example" in ar
     with harness.configured("[check.spf]\non_fail = reject\n"):
-        out = harness.send(data, mail_from="ceo@spoofed.example")
+        out = harness.send(data, mail_from="ceo@spfonly.example")
         assert (out.stage, out.code, out.text) == ("mail", 550,
                                                    "5.7.23 SPF validation failed")
         assert harness.send(data, mail_from="alice@example.org").code == 250
@@ -163,6 +165,46 @@ def test_dkim_simple_canonicalization_survives_postfix(harness: Harness) -> None
     for m in got:
         ar = dict(m.headers())["Authentication-Results"]
         assert "dkim=pass header.d=example.org header.s=it header.a=rsa-sha256" in ar, ar
+
+
+def test_dmarc_pass_with_dkim_and_spf(harness: Harness) -> None:
+    import dkim as dkimpy
+
+    from tests.dns.test_dkim import publish, rsa_key
+
+    pem, public = rsa_key(2048)
+    publish(harness.dns, "dm._domainkey.example.org", f"v=DKIM1; k=rsa; p={public}")
+    mid, data = harness.message()
+    signed = dkimpy.sign(data, b"dm", b"example.org", pem) + data
+    assert harness.send(signed).code == 250
+    ar = dict(harness.arrived(mid).headers())["Authentication-Results"]
+    assert "spf=pass smtp.mailfrom=alice@example.org" in ar
+    assert "dkim=pass header.d=example.org header.s=dm" in ar
+    assert "dmarc=pass header.from=example.org policy.dmarc=reject" in ar
+
+
+def test_dmarc_reject_for_a_spoofed_domain(harness: Harness) -> None:
+    mid, data = harness.message(sender="ceo@spoofed.example")
+    out = harness.send(data, mail_from="alice@example.org")  # SPF passes, but not aligned
+    assert (out.stage, out.code) == ("data", 550)
+    assert out.text == ("5.7.1 Rejected by the DMARC policy of the sender domain "
+                        "spoofed.example (p=reject)")
+    assert harness.not_arrived(mid, wait=1)
+
+
+def test_dmarc_quarantine_goes_to_the_hold_queue(harness: Harness) -> None:
+    mid, data = harness.message(sender="billing@held.example", to="q2@example.net")
+    assert harness.send(data, ("q2@example.net",), mail_from="alice@example.org").code == 250
+    deadline = time.monotonic() + 20
+    held: list[dict[str, object]] = []
+    while not held and time.monotonic() < deadline:
+        held = [q for q in harness.lab.held()
+                if any(r.get("address") == "q2@example.net"
+                       for r in q.get("recipients", []))]  # type: ignore[attr-defined]
+        time.sleep(0.2)
+    assert held
+    assert harness.not_arrived(mid, wait=1)
+    assert "dmarc: held.example: p=quarantine at held.example" in harness.mw.log()
 
 
 # -- trace -----------------------------------------------------------------------------------

@@ -7,12 +7,13 @@ import each other; a check that needs another's result reads it from `deps.resul
 
 from types import MappingProxyType
 
-from mailward.checks import authres, bcc, dkim, spf, tls, trace
+from mailward.checks import authres, bcc, dkim, dmarc, spf, tls, trace
 
 CHECKS = MappingProxyType({
     tls.NAME: tls,
     spf.NAME: spf,
     dkim.NAME: dkim,
+    dmarc.NAME: dmarc,
     bcc.NAME: bcc,
     trace.NAME: trace,
     authres.NAME: authres,

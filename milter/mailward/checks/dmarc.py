@@ -1,0 +1,413 @@
+"""dmarc: is the From domain aligned with a passing SPF or DKIM identity, and what does its
+policy say? (RFC 9989, the DMARCbis text in shared/reference; RFC 7489 behaviour on request)
+
+Inbound mail only: our own users' outbound mail is never judged. Reads the `spf` and `dkim`
+results earlier in the chain (their Authentication-Results entries); looks nothing up twice.
+
+Author Domain (§5.3.1): exactly one From field with exactly one address; comments and quoted
+strings are skipped, every `@domain` counts (so `"x" <a@evil> <b@good>` is two), a trailing
+dot is dropped and U-labels become A-labels. Otherwise `permerror` (multiple authors:
+`on_multiple_from`, default reject, §11.5; none or unparseable: `on_permerror`).
+
+Policy discovery (§4.10.1) by the DNS Tree Walk (§4.10: at most 8 queries, psd= honoured,
+duplicate records discarded) or, with `org_domain = psl`, RFC 7489's public suffix list
+method. Alignment (§4.10.2) relaxed or strict per adkim/aspf. Policy p, sp or np (np for a
+non-existent subdomain: no A, AAAA or MX, §3.2.13); t=y applies one level less; pct (RFC 7489,
+removed by RFC 9989) is ignored unless `honour_pct`. An invalid p/sp/np means p=none when rua
+holds a valid URI, else no DMARC (§4.10.1).
+
+Results: pass, fail, none (no policy), temperror (DNS failure in discovery, or no aligned
+pass while SPF/DKIM had a temperror), permerror (From). A-R: dmarc=RESULT header.from=DOMAIN
+policy.dmarc=DISPOSITION, the reason naming the published policy.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from publicsuffixlist import PublicSuffixList
+
+from mailward.config import Section
+from mailward.deps import Deps
+from mailward.dns import DnsError, Resolver
+from mailward.transaction import Direction, Stage, Transaction
+from mailward.verdict import Action, AuthResEntry, CheckResult, Reply, Result
+
+NAME = "dmarc"
+STAGES = (Stage.EOM,)
+POLICIES = ("none", "quarantine", "reject")
+MAX_WALK_LABELS = 7  # §4.10 step 4: longer names are cut to 7 labels, 8 queries at most
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:\S+")
+
+
+# -- records ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A DMARC Policy Record (§4.7). Invalid policy values are kept as given, for §4.10.1."""
+
+    p: str | None = None
+    sp: str | None = None
+    np: str | None = None
+    adkim: str = "r"
+    aspf: str = "r"
+    t: str = "n"
+    psd: str = "u"
+    pct: int = 100
+    rua: tuple[str, ...] = ()
+
+    def usable(self) -> Record | None:
+        """The record as policy processing sees it (§4.10.1), or None: no DMARC."""
+        bad = [v for v in (self.p, self.sp, self.np) if v is not None and v not in POLICIES]
+        if self.p is not None and not bad:
+            return self
+        if any(_URI.fullmatch(u) for u in self.rua):
+            return Record(p="none", adkim=self.adkim, aspf=self.aspf, t=self.t, psd=self.psd,
+                          pct=self.pct, rua=self.rua)
+        return None
+
+
+def parse_record(text: str) -> Record | None:
+    """Parse a TXT string; None unless it starts with the tag v=DMARC1 (§4.7).
+
+    Unknown tags and tags with invalid values are ignored (defaults apply), except that
+    p/sp/np keep their invalid value for `Record.usable`.
+    """
+    parts = [p.strip() for p in text.split(";")]
+    first = parts[0].split("=", 1)
+    if len(first) != 2 or first[0].strip() != "v" or first[1].strip() != "DMARC1":
+        return None
+    tags: dict[str, Any] = {}
+    for part in parts[1:]:
+        key, eq, value = part.partition("=")
+        key, value = key.strip().lower(), value.strip()
+        if not eq or key in tags:
+            continue
+        if key in ("p", "sp", "np"):
+            tags[key] = value.lower()
+        elif key in ("adkim", "aspf") and value.lower() in ("r", "s"):
+            tags[key] = value.lower()
+        elif key == "t" and value.lower() in ("y", "n"):
+            tags[key] = value.lower()
+        elif key == "psd" and value.lower() in ("y", "n", "u"):
+            tags[key] = value.lower()
+        elif key == "pct" and value.isdigit() and 0 <= int(value) <= 100:
+            tags[key] = int(value)
+        elif key == "rua":
+            tags[key] = tuple(u.strip() for u in value.split(",") if u.strip())
+    return Record(**tags)
+
+
+# -- settings --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    """[check.dmarc]"""
+
+    org_domain: str = "treewalk"
+    honour_pct: bool = False
+    reject_as: Action = Action.REJECT
+    never_reject: tuple[str, ...] = ()
+    on_temperror: Action = Action.TEMPFAIL
+    on_permerror: Action = Action.ACCEPT
+    on_multiple_from: Action = Action.REJECT
+    reject_reply: Reply = Reply(550, "5.7.1", "Rejected by the DMARC policy of the sender "
+                                              "domain")
+    temperror_reply: Reply = Reply(451, "4.7.5", "DMARC policy lookup failed, try again later")
+    multiple_from_reply: Reply = Reply(550, "5.7.1", "Exactly one author address is required "
+                                                     "(RFC 5322 From)")
+    psl: PublicSuffixList | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def load(cls, sec: Section) -> Settings:
+        def mode(raw: str) -> str:
+            if raw.lower() not in ("treewalk", "psl"):
+                raise ValueError(raw)
+            return raw.lower()
+
+        org = sec.parse("org_domain", cls.org_domain, "treewalk or psl", mode)
+        refusals = (Action.ACCEPT, Action.REJECT, Action.QUARANTINE, Action.TEMPFAIL)
+        return cls(
+            org_domain=org,
+            honour_pct=sec.boolean("honour_pct", cls.honour_pct),
+            reject_as=sec.choice("reject_as", Action, cls.reject_as,
+                                 (Action.REJECT, Action.QUARANTINE, Action.ACCEPT)),
+            never_reject=sec.domains("never_reject"),
+            on_temperror=sec.choice("on_temperror", Action, cls.on_temperror,
+                                    (Action.TEMPFAIL, Action.ACCEPT)),
+            on_permerror=sec.choice("on_permerror", Action, cls.on_permerror, refusals),
+            on_multiple_from=sec.choice("on_multiple_from", Action, cls.on_multiple_from,
+                                        refusals),
+            reject_reply=sec.reply("reject_reply", str(cls.reject_reply), temporary=False),
+            temperror_reply=sec.reply("temperror_reply", str(cls.temperror_reply),
+                                      temporary=True),
+            multiple_from_reply=sec.reply("multiple_from_reply", str(cls.multiple_from_reply),
+                                          temporary=False),
+            psl=PublicSuffixList() if org == "psl" else None,
+        )
+
+
+# -- the Author Domain -----------------------------------------------------------------------
+
+def _strip_comments_and_quotes(value: str) -> str:
+    out, depth, quoted, i = [], 0, False, 0
+    while i < len(value):
+        c = value[i]
+        if c == "\\" and (quoted or depth):
+            i += 2
+            continue
+        if quoted:
+            quoted = c != '"'
+        elif c == '"' and not depth:
+            quoted = True
+        elif c == "(":
+            depth += 1
+        elif c == ")" and depth:
+            depth -= 1
+        elif not depth:
+            out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def normalise_domain(domain: str) -> str | None:
+    """A-label, lower case, no trailing dot; None if it is no domain name."""
+    domain = domain.strip().rstrip(".")
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii").lower()
+    except (UnicodeError, ValueError):
+        return None
+    labels = ascii_domain.split(".")
+    if len(ascii_domain) > 253 or not all(_LABEL.fullmatch(x) for x in labels):
+        return None
+    return ascii_domain
+
+
+def author_domains(tx: Transaction) -> tuple[list[str], str]:
+    """Every domain in the From field(s), and a problem ('' when there is exactly one)."""
+    fields = tx.get_all("From")
+    if not fields:
+        return [], "no From field"
+    found = []
+    for f in fields:
+        text = _strip_comments_and_quotes(f.stripped)
+        found += re.findall(r"@([^\s<>,;:@\"()]+)", text)
+    domains = [normalise_domain(d) for d in found]
+    if len(fields) > 1 or len(domains) > 1:
+        return [d for d in domains if d], (f"{len(fields)} From fields" if len(fields) > 1
+                                           else f"{len(domains)} author addresses")
+    if not domains or domains[0] is None:
+        return [], "no usable author domain in From"
+    return [domains[0]], ""
+
+
+# -- discovery and alignment -----------------------------------------------------------------
+
+def _record_at(resolver: Resolver, domain: str) -> Record | None:
+    """The single DMARC record at _dmarc.domain; several are all discarded (§4.10 step 2)."""
+    records = [r for r in (parse_record(t.decode("utf-8", "replace"))
+                           for t in resolver.txt(f"_dmarc.{domain}")) if r is not None]
+    return records[0] if len(records) == 1 else None
+
+
+def _next_target(labels: list[str]) -> list[str]:
+    """§4.10 step 4: drop the left-most label; from 8 labels on, cut to 7."""
+    if len(labels) >= MAX_WALK_LABELS + 1:
+        return labels[-MAX_WALK_LABELS:]
+    return labels[1:]
+
+
+def tree_walk(resolver: Resolver, domain: str, *, include_start: bool = True
+              ) -> list[tuple[str, Record]]:
+    """The records found walking up from `domain` (§4.10), longest name first."""
+    labels = domain.split(".")
+    if not include_start:
+        labels = _next_target(labels)
+    found = []
+    while labels:
+        name = ".".join(labels)
+        record = _record_at(resolver, name)
+        if record is not None:
+            found.append((name, record))
+            if record.psd in ("y", "n"):
+                break
+        labels = _next_target(labels)
+    return found
+
+
+def org_domain_of(start: str, found: list[tuple[str, Record]]) -> str:
+    """The Organizational Domain from a tree walk's records (§4.10.2)."""
+    for name, record in found:
+        if record.psd == "n":
+            return name
+        if record.psd == "y" and name != start:
+            depth = name.count(".") + 2
+            return ".".join(start.split(".")[-depth:])
+    if found:
+        return min(found, key=lambda f: f[0].count("."))[0]
+    return start
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The record that applies to the Author Domain and where it was found."""
+
+    domain: str  # where the record was found
+    record: Record
+    org: str  # the Author Domain's Organizational Domain
+
+
+class Discovery:
+    """Policy discovery and Organizational Domains for one message, by walk or PSL."""
+
+    def __init__(self, resolver: Resolver, settings: Settings) -> None:
+        self.resolver = resolver
+        self.settings = settings
+        self._orgs: dict[str, str] = {}
+
+    def org(self, domain: str) -> str:
+        if domain not in self._orgs:
+            if self.settings.psl is not None:
+                self._orgs[domain] = self.settings.psl.privatesuffix(domain) or domain
+            else:
+                self._orgs[domain] = org_domain_of(domain, tree_walk(self.resolver, domain))
+        return self._orgs[domain]
+
+    def policy(self, author: str) -> Policy | None:
+        if self.settings.psl is not None:  # RFC 7489 §6.6.3
+            org = self.org(author)
+            for name in dict.fromkeys((author, org)):
+                record = _record_at(self.resolver, name)
+                if record is not None:
+                    return Policy(name, record, org)
+            return None
+        own = _record_at(self.resolver, author)
+        found = tree_walk(self.resolver, author, include_start=False)
+        org = org_domain_of(author, ([(author, own)] if own else []) + found)
+        self._orgs[author] = org
+        if own is not None:
+            return Policy(author, own, org)
+        if not found:
+            return None
+        records = dict(found)
+        if org in records:
+            return Policy(org, records[org], org)
+        psd = next(((n, r) for n, r in found if r.psd == "y"), found[-1])
+        return Policy(psd[0], psd[1], org)
+
+    def exists(self, domain: str) -> bool:
+        """§3.2.13: a domain exists unless A, AAAA and MX all come back empty."""
+        return any(self.resolver.query(domain, t) for t in ("A", "AAAA", "MX"))
+
+
+def _aligned(identifier: str, author: str, mode: str, org: Callable[[str], str]) -> bool:
+    identifier = identifier.lower().rstrip(".")
+    if identifier == author:
+        return True
+    return mode == "r" and org(identifier) == org(author)
+
+
+# -- the check -------------------------------------------------------------------------------
+
+def _identifiers(tx: Transaction, deps: Deps) -> tuple[list[str], list[str], bool]:
+    """Passing SPF and DKIM domains from the earlier checks, and whether any was temperror."""
+    spf, dkim, temp = [], [], False
+    for r in deps.results:
+        for e in r.authres:
+            props = {p: v for _, p, v in e.properties}
+            if e.method == "spf" and ("mailfrom" in props or
+                                      (not tx.mail_from and "helo" in props)):
+                temp |= e.result is Result.TEMPERROR
+                if e.result is Result.PASS:
+                    ident = props.get("mailfrom", props.get("helo", ""))
+                    spf.append(ident.rpartition("@")[2])
+            elif e.method == "dkim":
+                temp |= e.result is Result.TEMPERROR
+                if e.result is Result.PASS and "d" in props:
+                    dkim.append(props["d"])
+    return spf, dkim, temp
+
+
+def _disposition(policy: Policy, author: str, discovery: Discovery,
+                 settings: Settings) -> tuple[str, str]:
+    """(policy to apply, what was published), after t=, pct= and np/sp selection."""
+    rec = policy.record
+    if policy.domain == author:
+        chosen, tag = rec.p or "none", "p"
+    elif rec.np is not None and not discovery.exists(author):
+        chosen, tag = rec.np, "np"
+    elif rec.sp is not None:
+        chosen, tag = rec.sp, "sp"
+    else:
+        chosen, tag = rec.p or "none", "p"
+    published = f"{tag}={chosen}" + (" t=y" if rec.t == "y" else "") + (
+        f" pct={rec.pct}" if rec.pct != 100 else "")
+    applied = chosen
+    if rec.t == "y" and chosen != "none":  # one level less (§4.7 t=)
+        applied = POLICIES[POLICIES.index(chosen) - 1]
+    if settings.honour_pct and rec.pct < 100 and applied != "none" \
+            and random.randrange(100) >= rec.pct:  # noqa: S311 - sampling, not security
+        applied = POLICIES[POLICIES.index(applied) - 1]  # RFC 7489 §6.6.4
+    return applied, published
+
+
+def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
+    """Evaluate DMARC for `tx` (see the module docstring)."""
+    if tx.direction is not Direction.INBOUND:
+        return CheckResult(NAME, Result.NONE, reason=f"{tx.direction}: not checked")
+    if deps.dns is None:
+        raise RuntimeError("dmarc needs mailward's resolver")
+    domains, problem = author_domains(tx)
+    if problem:
+        multiple = "From fields" in problem or "author addresses" in problem
+        action = settings.on_multiple_from if multiple else settings.on_permerror
+        reply = settings.multiple_from_reply if multiple else settings.reject_reply
+        entry = AuthResEntry("dmarc", Result.PERMERROR, reason=problem)
+        return CheckResult(NAME, Result.PERMERROR, action=action, reason=problem,
+                           reply=reply if action is Action.REJECT else None, authres=(entry,))
+    author = domains[0]
+    discovery = Discovery(deps.dns, settings)
+    spf, dkim, temp = _identifiers(tx, deps)
+    try:
+        found = discovery.policy(author)
+        policy = found.record.usable() if found else None
+        if found is None or policy is None:
+            why = "no DMARC policy" if found is None else f"unusable record at {found.domain}"
+            return CheckResult(NAME, Result.NONE, reason=why, authres=(AuthResEntry(
+                "dmarc", Result.NONE, properties=(("header", "from", author),)),))
+        found = Policy(found.domain, policy, found.org)
+        aligned = [f"dkim:{d}" for d in dkim if _aligned(d, author, policy.adkim,
+                                                        discovery.org)]
+        aligned += [f"spf:{d}" for d in spf if _aligned(d, author, policy.aspf,
+                                                       discovery.org)]
+        applied, published = _disposition(found, author, discovery, settings)
+    except DnsError as exc:
+        entry = AuthResEntry("dmarc", Result.TEMPERROR, properties=(("header", "from", author),))
+        return CheckResult(NAME, Result.TEMPERROR, action=settings.on_temperror,
+                           reply=settings.temperror_reply, reason=str(exc), authres=(entry,))
+    props = (("header", "from", author), ("policy", "dmarc", applied))
+    if aligned:
+        return CheckResult(NAME, Result.PASS, reason=f"aligned {', '.join(aligned)}",
+                           authres=(AuthResEntry("dmarc", Result.PASS, properties=props),))
+    if temp:
+        return CheckResult(NAME, Result.TEMPERROR, action=settings.on_temperror,
+                           reply=settings.temperror_reply,
+                           reason="no aligned pass, and SPF or DKIM had a temperror",
+                           authres=(AuthResEntry("dmarc", Result.TEMPERROR, properties=props),))
+    entry = AuthResEntry("dmarc", Result.FAIL, reason=published, properties=props)
+    reason = f"{author}: {published} at {found.domain}, applied {applied}"
+    if applied == "reject":
+        action = Action.QUARANTINE if author in settings.never_reject else settings.reject_as
+        reply = Reply(settings.reject_reply.code, settings.reject_reply.status,
+                      f"{settings.reject_reply.text} {author} ({published})")
+        return CheckResult(NAME, Result.FAIL, action=action, reply=reply, reason=reason,
+                           authres=(entry,))
+    if applied == "quarantine":
+        return CheckResult(NAME, Result.FAIL, action=Action.QUARANTINE, reason=reason,
+                           authres=(entry,))
+    return CheckResult(NAME, Result.FAIL, reason=reason, authres=(entry,))
