@@ -8,6 +8,7 @@ Unknown sections and keys are errors too: a typo must never silently disable a c
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import enum
 import ipaddress
 import re
@@ -452,8 +453,9 @@ def describe(config: Config) -> str:
     def block(title: str, obj: object, extra: Mapping[str, object] = MappingProxyType({})) -> str:
         lines = [f"[{title}]"]
         lines += [f"{k} = {fmt(v)}" for k, v in extra.items()]
-        for name in getattr(obj, "__dataclass_fields__", {}):
-            lines.append(f"{name} = {fmt(getattr(obj, name))}")
+        for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+            if f.repr:  # fields with repr=False are derived (e.g. a loaded suffix list)
+                lines.append(f"{f.name} = {fmt(getattr(obj, f.name))}")
         return "\n".join(lines)
 
     parts = [block("milter", config.milter), block("dns", config.dns),
