@@ -1,4 +1,4 @@
-"""`mailward demo`: a private Postfix with mailward attached, six sample messages, a summary.
+"""`mailward demo`: a private Postfix with mailward attached, seven sample messages, a summary.
 
 Needs root and Debian's `postfix` (the README's `make demo` installs it). Everything runs on
 127.0.0.1 under a temporary directory and is removed afterwards (unless `--keep`).
@@ -42,9 +42,13 @@ strip_headers = X-Originating-IP, X-Mailer
 """)
 
 
-# The demo's own DNS: example.org lets the lab's 127.0.0.1 send for it (SPF pass).
+# The demo's own DNS: example.org lets the lab's 127.0.0.1 send for it (SPF pass, aligned:
+# DMARC pass); bank.example publishes DMARC p=reject and lets nobody send.
 ZONE = """
-example.org. TXT "v=spf1 ip4:127.0.0.1 -all"
+example.org.         TXT "v=spf1 ip4:127.0.0.1 -all"
+_dmarc.example.org.  TXT "v=DMARC1; p=reject"
+bank.example.        TXT "v=spf1 -all"
+_dmarc.bank.example. TXT "v=DMARC1; p=reject"
 """
 
 
@@ -55,6 +59,7 @@ class Sample:
     headers: str
     tls: str = "TLSv1.3"  # "" for plain text
     submission: bool = False
+    author: str = "demo@example.org"
 
 
 SAMPLES = (
@@ -76,12 +81,14 @@ SAMPLES = (
            "\tby relay.corp.lab.test with ESMTP id 42; Mon, 23 Nov 2026 10:00:00 +0000\r\n"
            "X-Originating-IP: [10.1.2.3]\r\nX-Mailer: Internal Mailer 1.0\r\n",
            submission=True),
+    Sample("From a domain with DMARC p=reject, not aligned", "grace@example.net",
+           "Subject: urgent wire transfer\r\n", author="ceo@bank.example"),
 )
 
 
 def send(lab: PostfixLab, sample: Sample, n: int) -> str:
     port = lab.submission_port if sample.submission else lab.smtp_port
-    msg = (f"From: demo@example.org\r\nTo: {sample.rcpt}\r\nMessage-ID: <demo-{n}@example.org>\r\n"
+    msg = (f"From: {sample.author}\r\nTo: {sample.rcpt}\r\nMessage-ID: <demo-{n}@example.org>\r\n"
            f"{sample.headers}\r\nThis is sample {n}.\r\n").encode()
     try:
         with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
@@ -130,7 +137,7 @@ def main(*, keep: bool = False) -> int:
         for n, sample in enumerate(SAMPLES, 1):
             held_before = len(lab.held())
             reply = send(lab, sample, n)
-            print(f"{n}. {sample.title}  ->  {sample.rcpt}"
+            print(f"{n}. {sample.title}: {sample.author}  ->  {sample.rcpt}"
                   f"{' via submission' if sample.submission else ''}"
                   f" ({sample.tls or 'no TLS'})")
             print(f"   SMTP reply: {reply}")

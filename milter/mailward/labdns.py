@@ -27,6 +27,11 @@ import dns.zone
 SOA = "ns.test. hostmaster.test. 1 3600 600 86400 {minimum}"
 
 
+class _TCPServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
 class Nameserver:
     """Serve rrsets added with `add` or `load_zone`; `queries` logs (name, type, transport)."""
 
@@ -40,9 +45,6 @@ class Nameserver:
         self.queries: list[tuple[str, str, str]] = []
         self.negative_ttl = negative_ttl
         self._lock = threading.Lock()
-        self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._udp.bind(("127.0.0.1", 0))
-        self.port = int(self._udp.getsockname()[1])
         server = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -61,9 +63,20 @@ class Nameserver:
                         return
                     conn.sendall(struct.pack("!H", len(reply)) + reply)
 
-        socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self._tcp = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Handler)
-        self._tcp.daemon_threads = True
+        # UDP and TCP on one port number: take a free UDP port, then try TCP on it
+        for _ in range(50):
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            try:
+                tcp = _TCPServer(("127.0.0.1", port), Handler)
+            except OSError:
+                udp.close()
+                continue
+            break
+        else:
+            raise OSError("no port free for both UDP and TCP on 127.0.0.1")
+        self._udp, self._tcp, self.port = udp, tcp, port
         threading.Thread(target=self._tcp.serve_forever, daemon=True).start()
         threading.Thread(target=self._serve_udp, daemon=True).start()
 

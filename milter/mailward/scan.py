@@ -84,7 +84,7 @@ def scan(config: Config, raw: bytes, *, client_ip: str = "", helo: str = "",
         return ScanReport(mail, tuple(verdicts), None, str(tx.direction))
     body = Body(threshold=config.milter.spool_threshold)
     try:
-        body.write(body_bytes)
+        body.write(body_bytes.replace(b"\n", b"\r\n"))  # as an MTA hands it over: CRLF
         eom = dataclasses.replace(tx, recipients=accepted, headers=index_headers(pairs),
                                   body=body)
         eom, results = pipeline.run(config, Stage.EOM, eom, resolver=resolver)

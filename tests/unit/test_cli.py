@@ -102,3 +102,24 @@ def test_parse_message_keeps_values_as_a_milter_sees_them() -> None:
     # a line that is no header ends the header, as in Postfix
     headers, body = parse_message(b"A: 1\nnot a header\nB: 2\n\nx")
     assert headers == [("A", " 1")] and body == b"not a header\nB: 2\n\nx"
+
+
+def test_scan_verifies_dkim_like_the_milter(files: tuple[Path, Path], nameserver: Nameserver,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import dkim as dkimpy
+
+    from tests.dns.test_dkim import publish, rsa_key
+
+    eml, ini = files
+    pem, public = rsa_key(1024)
+    publish(nameserver, "s1._domainkey.example.org", f"v=DKIM1; p={public}")
+    nameserver.add("_dmarc.example.org", "TXT", '"v=DMARC1; p=reject"')
+    message = MESSAGE.replace(b"Bcc: hidden@example.org\r\n", b"")
+    for canon in ((b"simple", b"simple"), (b"relaxed", b"relaxed")):
+        eml.write_bytes(dkimpy.sign(message, b"s1", b"example.org", pem, canonicalize=canon)
+                        + message)
+        rc = main(["scan", str(eml), "-c", str(ini), "--client-ip", "198.51.100.9",
+                   "--mail-from", "bounce@example.net", "--json"])
+        results = {r["check"]: r["result"] for r in
+                   json.loads(capsys.readouterr().out)["final"]["results"]}
+        assert rc == 0 and results["dkim"] == "pass" and results["dmarc"] == "pass", results
