@@ -2,7 +2,8 @@
 port, records from zone text or added one by one.
 
 Failure modes: names in `drop` are never answered (a timeout), names in `servfail` get
-SERVFAIL, names in `delay` are answered late. UDP answers larger than 512 bytes (or the
+SERVFAIL, names in `garbage` get bytes that are no DNS message, names in `delay` are answered
+late. UDP answers larger than 512 bytes (or the
 client's EDNS size) are truncated (TC), so clients must retry over TCP, as with a real server.
 """
 
@@ -41,6 +42,7 @@ class Nameserver:
         # names whose queries time out unless the name has records of the asked type
         self.drop_missing: set[str] = set()
         self.servfail: set[str] = set()
+        self.garbage: set[str] = set()  # names answered with bytes that are no DNS message
         self.delay: dict[str, float] = {}
         self.queries: list[tuple[str, str, str]] = []
         self.negative_ttl = negative_ttl
@@ -88,6 +90,7 @@ class Nameserver:
             self.drop.clear()
             self.drop_missing.clear()
             self.servfail.clear()
+            self.garbage.clear()
             self.delay.clear()
             self.queries.clear()
 
@@ -143,6 +146,8 @@ class Nameserver:
             delay = self.delay.get(text.rstrip("."), 0.0)
         if dropped:
             return None
+        if text.rstrip(".") in self.garbage:
+            return wire[:2] + b"\x81\x80" + b"\xff" * 40  # our id, then nonsense
         if delay:
             time.sleep(delay)
         response = dns.message.make_response(query)

@@ -9,7 +9,7 @@ import pytest
 import spf
 
 from mailward.config import DnsSettings
-from mailward.dns import DnsServFail, DnsTimeout, Resolver
+from mailward.dns import DnsError, DnsServFail, DnsTimeout, Resolver
 from mailward.labdns import Nameserver
 from mailward.metrics import Metrics
 
@@ -152,3 +152,21 @@ def test_threads_share_one_cache(nameserver: Nameserver) -> None:
     for t in threads:
         t.join()
     assert results == [(b"x",)] * 20 and nameserver.count("shared.example") == 1
+
+
+def test_garbage_answers_are_temporary_errors(nameserver: Nameserver) -> None:
+    nameserver.garbage.add("junk.example")
+    r, metrics, _ = make(nameserver, timeout=0.2, lifetime=0.5)
+    start = time.monotonic()
+    with pytest.raises(DnsError):
+        r.txt("junk.example")
+    assert time.monotonic() - start < 1.5
+    assert count(metrics, "TXT", "servfail") + count(metrics, "TXT", "timeout") == 1
+
+
+def test_oversized_answers_arrive_over_tcp(nameserver: Nameserver) -> None:
+    for i in range(150):
+        nameserver.add("huge.example", "TXT", f'"{i:03d}{"x" * 250}"')
+    r, _, _ = make(nameserver)
+    records = r.txt("huge.example")
+    assert len(records) == 150 and sum(map(len, records)) > 37_000
