@@ -17,7 +17,7 @@ from mailward.transaction import Direction
 from mailward.verdict import Action, AuthResEntry, CheckResult, Result
 from tests.conftest import make_config, make_tx
 
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors" / "opendmarc"
+VECTORS = Path(__file__).resolve().parents[1] / "data" / "dmarc"  # from shared/vectors/opendmarc
 
 ZONE = """
 _dmarc.example.com.        TXT "v=DMARC1; p=reject; sp=quarantine; np=reject"
