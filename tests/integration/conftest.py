@@ -32,6 +32,7 @@ from mailward.lab import (
     PostfixLab,
     merge_ini,
     missing_tools,
+    running_lab,
 )
 from mailward.labdns import Nameserver
 from tests.conftest import need
@@ -120,6 +121,17 @@ class Harness:
     def arrived(self, mid: str, timeout: float = 30) -> Captured:
         return self.sink.wait_for(lambda m: mid.encode() in m.data, timeout)
 
+    def held_for(self, address: str, timeout: float = 20) -> list[dict[str, object]]:
+        """Hold-queue entries with a recipient `address`, waiting up to `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            held = [q for q in self.lab.held()
+                    if any(r.get("address") == address
+                           for r in q.get("recipients", []))]  # type: ignore[attr-defined]
+            if held or time.monotonic() > deadline:
+                return held
+            time.sleep(0.2)
+
     def not_arrived(self, mid: str, wait: float = 2) -> bool:
         try:
             self.sink.wait_for(lambda m: mid.encode() in m.data, wait)
@@ -171,21 +183,10 @@ def harness() -> Iterator[Harness]:
     missing = missing_tools()
     need(not missing, f"Debian packages missing: apt-get install {' '.join(missing)}")
     root = Path(tempfile.mkdtemp(prefix="mailward-it-"))
-    os.chmod(root, 0o755)  # noqa: S103 - Postfix (user postfix) must reach it
-    ns = Nameserver()
-    ns.load_zone(ZONE)
-    sink = CaptureSink()
-    mw = MailwardProcess(BASE_CONFIG, root / "mailward", dns_port=ns.port)
-    lab = PostfixLab(root / "postfix", mw.postfix_socket, sink.port)
     try:
-        mw.start()
-        lab.start()
-        yield Harness(lab, mw, sink, ns)
+        with running_lab(BASE_CONFIG, root=root, zone=ZONE) as lab:
+            yield Harness(lab.postfix, lab.mailward, lab.sink, lab.dns)
     finally:
-        lab.stop()
-        mw.stop()
-        sink.close()
-        ns.close()
         if not os.environ.get("MAILWARD_KEEP_LAB"):
             shutil.rmtree(root, ignore_errors=True)
 

@@ -104,14 +104,7 @@ def test_quarantine_puts_the_message_in_the_hold_queue(harness: Harness) -> None
         mid, data = harness.message()
         out = harness.send(data, ("q@secure.example",), tls="TLSv1.2")
         assert out.code == 250
-        deadline = time.monotonic() + 20
-        held: list[dict[str, object]] = []
-        while not held and time.monotonic() < deadline:
-            held = [q for q in harness.lab.held()
-                    if any(r.get("address") == "q@secure.example"
-                           for r in q.get("recipients", []))]  # type: ignore[attr-defined]
-            time.sleep(0.2)
-        assert held, harness.lab.queue()
+        assert harness.held_for("q@secure.example"), harness.lab.queue()
         assert harness.not_arrived(mid)
         assert "milter-hold" in harness.lab.log_text()
         assert 'reason="tls: TLSv1.2 is older than TLSv1.3 (TLS required)"' in harness.mw.log()
@@ -195,14 +188,7 @@ def test_dmarc_reject_for_a_spoofed_domain(harness: Harness) -> None:
 def test_dmarc_quarantine_goes_to_the_hold_queue(harness: Harness) -> None:
     mid, data = harness.message(sender="billing@held.example", to="q2@example.net")
     assert harness.send(data, ("q2@example.net",), mail_from="alice@example.org").code == 250
-    deadline = time.monotonic() + 20
-    held: list[dict[str, object]] = []
-    while not held and time.monotonic() < deadline:
-        held = [q for q in harness.lab.held()
-                if any(r.get("address") == "q2@example.net"
-                       for r in q.get("recipients", []))]  # type: ignore[attr-defined]
-        time.sleep(0.2)
-    assert held
+    assert harness.held_for("q2@example.net"), harness.lab.queue()
     assert harness.not_arrived(mid, wait=1)
     assert "dmarc: held.example: p=quarantine at held.example" in harness.mw.log()
 
