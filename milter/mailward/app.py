@@ -15,7 +15,7 @@ import threading
 from mailward import config as configmod
 from mailward.adapter import ServeError, serve
 from mailward.config import Config
-from mailward.dns import Resolver
+from mailward.dns import DnsError, Resolver
 from mailward.errors import ConfigError, MailwardError
 from mailward.metrics import Metrics
 
@@ -61,8 +61,30 @@ class App:
         self._config = new
         logging.getLogger().setLevel(new.milter.log_level.upper())
         self.metrics.config_reloads.labels(outcome="ok").inc()
+        self.check_published_keys()
         log.info("configuration reloaded from %s", self.path)
         return True
+
+    def check_published_keys(self) -> list[str]:
+        """Warn (and return why) for signing keys that DNS does not publish as configured."""
+        from mailward.keys import published_key
+
+        warnings = []
+        for link in self._config.chain:
+            for key in getattr(link.settings, "loaded", ()):
+                name = f"{key.selector}._domainkey.{key.domain}"
+                try:
+                    records = self._resolver.txt(name)
+                except DnsError as exc:
+                    warnings.append(f"dkim_sign: cannot check {name} in DNS: {exc}")
+                    continue
+                if not any(published_key(r) == key.public for r in records):
+                    warnings.append(f"dkim_sign: the key {key.path} does not match the record "
+                                    f"at {name} ({'none' if not records else 'different'}); "
+                                    "signatures will not verify")
+        for warning in warnings:
+            log.warning("%s", warning)
+        return warnings
 
     def _reload_loop(self) -> None:
         while True:
@@ -72,6 +94,7 @@ class App:
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT/SIGHUP."""
         cfg = self._config
+        self.check_published_keys()
         signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
         threading.Thread(target=self._reload_loop, name="reload", daemon=True).start()
         if cfg.metrics.listen is not None:

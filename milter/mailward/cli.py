@@ -1,4 +1,4 @@
-"""The `mailward` command: run, check-config, scan, demo."""
+"""The `mailward` command: run, check-config, scan, keygen, demo."""
 
 from __future__ import annotations
 
@@ -101,6 +101,22 @@ def format_report(data: dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from mailward import keys
+
+    try:
+        key = keys.generate(domain=args.domain, selector=args.selector, kind=args.type,
+                            bits=args.bits, directory=args.dir)
+    except FileExistsError as exc:
+        sys.stderr.write(f"mailward: {exc.filename} exists; not overwriting a key\n")
+        return 1
+    sys.stdout.write(f"# private key (mode 0600): {key.path}\n"
+                     f"# publish this record, then add to [check.dkim_sign] keys:\n"
+                     f"#   {key.domain} {key.selector} {key.path}\n"
+                     f"{keys.zone_line(key)}\n")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from mailward.demo import main as demo_main
 
@@ -132,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--daemon-name", default="", help="the MTA's {daemon_name}")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("keygen", help="make a DKIM signing key and print its DNS record")
+    p.add_argument("--domain", required=True)
+    p.add_argument("--selector", required=True)
+    p.add_argument("--type", choices=("rsa", "ed25519"), default="rsa")
+    p.add_argument("--bits", type=int, choices=(1024, 2048, 3072, 4096), default=2048)
+    p.add_argument("--dir", default=".", help="where to write DOMAIN.SELECTOR.key")
+    p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("demo", help="run a private Postfix with mailward and send samples "
                                     "(Debian, root)")

@@ -374,6 +374,25 @@ def loads(text: str, path: str = "<string>") -> Config:
     return from_parser(path, parser)
 
 
+def _check_order(psec: Section, order: tuple[str, ...], known: Mapping[str, Any]) -> None:
+    """The chain's order rules: known names, once each, and each check after its inputs."""
+    for name in order:
+        if name not in known:
+            raise psec.error("checks", f"check names from {', '.join(known)}", name)
+    if len(set(order)) != len(order):
+        raise psec.error("checks", "each check named once", ", ".join(order))
+    if "dmarc" in order and not {"spf", "dkim"} <= set(order[:order.index("dmarc")]):
+        raise psec.error("checks", "spf and dkim before dmarc, which uses their results",
+                         ", ".join(order))
+    if "dkim_sign" in order and any(c in order[order.index("dkim_sign"):]
+                                    for c in ("bcc", "trace")):
+        raise psec.error("checks", "bcc and trace before dkim_sign, so the signature covers "
+                         "what they change", ", ".join(order))
+    if "authres" in order and order[-1] != "authres":
+        raise psec.error("checks", "authres last, so it reports every other check",
+                         ", ".join(order))
+
+
 def from_parser(path: str, parser: configparser.ConfigParser) -> Config:
     from mailward.checks import CHECKS  # the registry imports config types, not the reverse
 
@@ -391,18 +410,9 @@ def from_parser(path: str, parser: configparser.ConfigParser) -> Config:
     dns = DnsSettings.load(section("dns"))
     metrics = MetricsSettings.load(section("metrics"))
     psec = section("policy")
-    order = psec.words("checks", ("tls", "spf", "dkim", "dmarc", "bcc", "trace", "authres"))
-    for name in order:
-        if name not in CHECKS:
-            raise psec.error("checks", f"check names from {', '.join(CHECKS)}", name)
-    if len(set(order)) != len(order):
-        raise psec.error("checks", "each check named once", ", ".join(order))
-    if "dmarc" in order and not {"spf", "dkim"} <= set(order[:order.index("dmarc")]):
-        raise psec.error("checks", "spf and dkim before dmarc, which uses their results",
-                         ", ".join(order))
-    if "authres" in order and order[-1] != "authres":
-        raise psec.error("checks", "authres last, so it reports every other check",
-                         ", ".join(order))
+    order = psec.words("checks", ("tls", "spf", "dkim", "dmarc", "bcc", "trace", "dkim_sign",
+                                  "authres"))
+    _check_order(psec, order, CHECKS)
     policy = PolicySettings(
         checks=order,
         on_error=psec.choice("on_error", Action, Action.TEMPFAIL, ERROR_ACTIONS),

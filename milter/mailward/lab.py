@@ -56,7 +56,7 @@ def merge_ini(base: str, extra: str) -> str:
     out = []
     for section in parser.sections():
         out.append(f"[{section}]")
-        out += [f"{k} = {v}" for k, v in parser[section].items()]
+        out += [f"{k} = " + v.replace("\n", "\n    ") for k, v in parser[section].items()]
     return "\n".join(out) + "\n"
 
 

@@ -9,6 +9,7 @@ deletion shifts a later one), then additions.
 from __future__ import annotations
 
 from mailward.config import PolicySettings
+from mailward.transaction import Header
 from mailward.verdict import (
     Action,
     AddHeader,
@@ -72,3 +73,30 @@ def decide(results: tuple[CheckResult, ...], policy: PolicySettings, *,
         reason = safe_text(reason, limit=QUARANTINE_REASON_MAX)
     return Verdict(action=action, reply=reply, edits=edits, quarantine_reason=reason,
                    results=results, decided_by=winner.check if winner else "")
+
+
+def apply_edits(headers: tuple[Header, ...], edits: tuple[HeaderEdit, ...]
+                ) -> list[tuple[str, str]]:
+    """The header as the MTA will have it after `edits` (for signing what leaves).
+
+    Values keep the milter convention: a changed or added value gets one leading space.
+    """
+    ordered = _order(list(edits))
+    fields: list[tuple[str, str] | None] = [(h.name, h.value) for h in headers]
+    positions: dict[tuple[str, int], int] = {
+        (h.name.lower(), h.index): i for i, h in enumerate(headers)}
+    for e in ordered:
+        if isinstance(e, DeleteHeader | ChangeHeader):
+            i = positions.get((e.name.lower(), e.index))
+            if i is None or fields[i] is None:
+                continue
+            fields[i] = None if isinstance(e, DeleteHeader) else (e.name,
+                                                                  " " + e.value.lstrip())
+    out = [f for f in fields if f is not None]
+    for e in ordered:
+        if isinstance(e, AddHeader):
+            if e.top:
+                out.insert(0, (e.name, " " + e.value))
+            else:
+                out.append((e.name, " " + e.value))
+    return out

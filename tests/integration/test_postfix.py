@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from mailward.config import DnsSettings
+from mailward.dns import Resolver
 from mailward.lab import MailwardProcess, merge_ini
 from tests.integration.conftest import BASE_CONFIG, Harness
 
@@ -191,6 +193,35 @@ def test_dmarc_quarantine_goes_to_the_hold_queue(harness: Harness) -> None:
     assert harness.held_for("q2@example.net"), harness.lab.queue()
     assert harness.not_arrived(mid, wait=1)
     assert "dmarc: held.example: p=quarantine at held.example" in harness.mw.log()
+
+
+def test_submitted_mail_is_signed_and_inbound_is_not(harness: Harness, tmp_path: Path) -> None:
+    import dkim as dkimpy
+
+    from mailward import keys
+
+    rsa = keys.generate(domain="example.org", selector="sub1", directory=str(tmp_path))
+    ed = keys.generate(domain="example.org", selector="sub2", kind="ed25519",
+                       directory=str(tmp_path))
+    for key in (rsa, ed):
+        harness.dns.load_zone(keys.zone_line(key))
+    signing = (f"[check.dkim_sign]\nkeys = example.org sub1 {rsa.path}\n"
+               f"  example.org sub2 {ed.path}\n")
+    with harness.configured(signing):
+        mid, data = harness.message(TRACE_HEADERS + "Bcc: boss@example.org\r\n")
+        assert harness.send(data, submission=True).code == 250
+        out = harness.arrived(mid)
+        assert b"Bcc:" not in out.data and b"10.1.2.3" not in out.data
+        d = dkimpy.DKIM(out.data)
+        assert [d.verify(idx=i, dnsfunc=harness_resolver(harness).dkim_txt)
+                for i in range(2)] == [True, True]
+        mid, data = harness.message()
+        assert harness.send(data).code == 250  # inbound
+        assert b"DKIM-Signature" not in harness.arrived(mid).data
+
+
+def harness_resolver(harness: Harness) -> Resolver:
+    return Resolver(DnsSettings(nameservers=(("127.0.0.1", harness.dns.port),)))
 
 
 # -- trace -----------------------------------------------------------------------------------

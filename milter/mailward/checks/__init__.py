@@ -7,7 +7,7 @@ import each other; a check that needs another's result reads it from `deps.resul
 
 from types import MappingProxyType
 
-from mailward.checks import authres, bcc, dkim, dmarc, spf, tls, trace
+from mailward.checks import authres, bcc, dkim, dkim_sign, dmarc, spf, tls, trace
 
 CHECKS = MappingProxyType({
     tls.NAME: tls,
@@ -16,5 +16,6 @@ CHECKS = MappingProxyType({
     dmarc.NAME: dmarc,
     bcc.NAME: bcc,
     trace.NAME: trace,
+    dkim_sign.NAME: dkim_sign,
     authres.NAME: authres,
 })

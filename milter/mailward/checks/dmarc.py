@@ -31,6 +31,7 @@ from typing import Any
 
 from publicsuffixlist import PublicSuffixList
 
+from mailward.addresses import author_domains
 from mailward.config import Section
 from mailward.deps import Deps
 from mailward.dns import DnsError, Resolver
@@ -41,7 +42,6 @@ NAME = "dmarc"
 STAGES = (Stage.EOM,)
 POLICIES = ("none", "quarantine", "reject")
 MAX_WALK_LABELS = 7  # §4.10 step 4: longer names are cut to 7 labels, 8 queries at most
-_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:\S+")
 
 
@@ -150,60 +150,6 @@ class Settings:
                                           temporary=False),
             psl=PublicSuffixList() if org == "psl" else None,
         )
-
-
-# -- the Author Domain -----------------------------------------------------------------------
-
-def _strip_comments_and_quotes(value: str) -> str:
-    out, depth, quoted, i = [], 0, False, 0
-    while i < len(value):
-        c = value[i]
-        if c == "\\" and (quoted or depth):
-            i += 2
-            continue
-        if quoted:
-            quoted = c != '"'
-        elif c == '"' and not depth:
-            quoted = True
-        elif c == "(":
-            depth += 1
-        elif c == ")" and depth:
-            depth -= 1
-        elif not depth:
-            out.append(c)
-        i += 1
-    return "".join(out)
-
-
-def normalise_domain(domain: str) -> str | None:
-    """A-label, lower case, no trailing dot; None if it is no domain name."""
-    domain = domain.strip().rstrip(".")
-    try:
-        ascii_domain = domain.encode("idna").decode("ascii").lower()
-    except (UnicodeError, ValueError):
-        return None
-    labels = ascii_domain.split(".")
-    if len(ascii_domain) > 253 or not all(_LABEL.fullmatch(x) for x in labels):
-        return None
-    return ascii_domain
-
-
-def author_domains(tx: Transaction) -> tuple[list[str], str]:
-    """Every domain in the From field(s), and a problem ('' when there is exactly one)."""
-    fields = tx.get_all("From")
-    if not fields:
-        return [], "no From field"
-    found = []
-    for f in fields:
-        text = _strip_comments_and_quotes(f.stripped)
-        found += re.findall(r"@([^\s<>,;:@\"()]+)", text)
-    domains = [normalise_domain(d) for d in found]
-    if len(fields) > 1 or len(domains) > 1:
-        return [d for d in domains if d], (f"{len(fields)} From fields" if len(fields) > 1
-                                           else f"{len(domains)} author addresses")
-    if not domains or domains[0] is None:
-        return [], "no usable author domain in From"
-    return [domains[0]], ""
 
 
 # -- discovery and alignment -----------------------------------------------------------------

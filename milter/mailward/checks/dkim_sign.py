@@ -1,0 +1,139 @@
+"""dkim_sign: outbound mail from our domains gets a DKIM signature (RFC 6376, RFC 8463).
+
+The signing domain is the RFC5322.From domain, or what `domain_map` maps it to (e.g. a
+subdomain to its parent). Every key configured for that domain signs (dual signing with an RSA
+and an ed25519 key). The header is signed as it will leave: after the deletions and changes of
+the checks before this one (Bcc, trace), so the chain must list bcc and trace first. Default
+headers as RFC 6376 §5.4.1 suggests, with From, To, Cc, Subject, Date, Reply-To, Message-ID and
+the MIME fields over-signed (listed once more than present, so none can be added later).
+
+Results: pass = signed (one DKIM-Signature per key); none = not outbound, no single author
+domain, or no key for it. Nothing is ever signed for a domain without a configured key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import dkim as dkimpy
+
+from mailward import keys as keymod
+from mailward.addresses import author_domains
+from mailward.config import Section
+from mailward.deps import Deps
+from mailward.policy import apply_edits
+from mailward.transaction import Direction, Stage, Transaction
+from mailward.verdict import AddHeader, CheckResult, Result
+
+NAME = "dkim_sign"
+STAGES = (Stage.EOM,)
+FIELD = "DKIM-Signature"
+SIGNED = ("From", "Reply-To", "Subject", "Date", "To", "Cc", "Message-ID", "In-Reply-To",
+          "References", "MIME-Version", "Content-Type", "Content-Transfer-Encoding",
+          "Content-Language", "List-Id", "List-Unsubscribe", "List-Unsubscribe-Post")
+OVERSIGNED = ("From", "Reply-To", "Subject", "Date", "To", "Cc", "Message-ID", "MIME-Version",
+              "Content-Type", "Content-Transfer-Encoding")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """[check.dkim_sign]"""
+
+    keys: tuple[str, ...] = ()  # "domain selector /path/to/key", one per line
+    domain_map: tuple[str, ...] = ()  # "from.domain:signing.domain"
+    headers: tuple[str, ...] = SIGNED
+    oversign: tuple[str, ...] = OVERSIGNED
+    canonicalization: str = "relaxed/relaxed"
+    directions: tuple[Direction, ...] = (Direction.OUTBOUND,)
+    loaded: tuple[keymod.SigningKey, ...] = field(default=(), repr=False, compare=False)
+
+    @classmethod
+    def load(cls, sec: Section) -> Settings:
+        raw = sec.string("keys", "")
+        specs, loaded = [], []
+        for line in (ln.strip() for ln in raw.splitlines()):
+            if not line:
+                continue
+            parts = line.split()
+            if len(parts) != 3:
+                raise sec.error("keys", "lines of 'domain selector /path/to/key'", line)
+            domain, selector, path = parts
+            try:
+                loaded.append(keymod.load_key(path, domain=domain.lower().rstrip("."),
+                                              selector=selector))
+            except keymod.KeyFileError as exc:
+                raise sec.error("keys", f"a readable, private key file ({exc})", line) from None
+            specs.append(" ".join(parts))
+        mapping = []
+        for pair in sec.words("domain_map", ()):
+            src, colon, dst = pair.partition(":")
+            if not colon or not src or not dst:
+                raise sec.error("domain_map", "from.domain:signing.domain pairs", pair)
+            mapping.append(f"{src.lower().rstrip('.')}:{dst.lower().rstrip('.')}")
+
+        def canon(value: str) -> str:
+            if not re.fullmatch(r"(simple|relaxed)/(simple|relaxed)", value.lower()):
+                raise ValueError(value)
+            return value.lower()
+
+        headers = sec.words("headers", SIGNED)
+        if "from" not in {h.lower() for h in headers}:
+            raise sec.error("headers", "a list that includes From (RFC 6376 §5.4)",
+                            ", ".join(headers))
+        return cls(
+            keys=tuple(specs), domain_map=tuple(mapping), headers=headers,
+            oversign=sec.words("oversign", OVERSIGNED),
+            canonicalization=sec.parse("canonicalization", cls.canonicalization,
+                                       "header/body canonicalization, e.g. relaxed/relaxed",
+                                       canon),
+            directions=sec.parse("directions", cls.directions,
+                                 "a list of outbound, internal, inbound",
+                                 lambda raw: tuple(Direction(w) for w in
+                                                   re.split(r"[\s,]+", raw.lower()) if w)),
+            loaded=tuple(loaded),
+        )
+
+
+def _include(headers: list[tuple[str, str]], settings: Settings) -> list[bytes]:
+    present: dict[str, int] = {}
+    for name, _ in headers:
+        present[name.lower()] = present.get(name.lower(), 0) + 1
+    over = {h.lower() for h in settings.oversign}
+    out = []
+    for name in dict.fromkeys(h.lower() for h in settings.headers):
+        count = present.get(name, 0) + (1 if name in over else 0)
+        out += [name.encode()] * count
+    return out
+
+
+def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
+    """Sign `tx` as it will leave (see the module docstring)."""
+    if tx.direction not in settings.directions:
+        return CheckResult(NAME, Result.NONE, reason=f"{tx.direction}: not signed")
+    domains, problem = author_domains(tx)
+    if problem:
+        return CheckResult(NAME, Result.NONE, reason=f"not signed: {problem}")
+    mapping = dict(m.split(":", 1) for m in settings.domain_map)
+    domain = mapping.get(domains[0], domains[0])
+    signers = [k for k in settings.loaded if k.domain == domain]
+    if not signers:
+        return CheckResult(NAME, Result.NONE, reason=f"no key for {domain}")
+    edits = tuple(e for r in deps.results for e in r.edits)
+    headers = apply_edits(tx.headers, edits)
+    message = b"".join(
+        n.encode("ascii", "surrogateescape") + b":"
+        + v.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8", "surrogateescape")
+        + b"\r\n" for n, v in headers) + b"\r\n" + (
+        b"".join(tx.body.chunks()) if tx.body is not None else b"")
+    head, body = settings.canonicalization.encode().split(b"/")
+    include = _include(headers, settings)
+    added = []
+    for key in signers:
+        signature = dkimpy.sign(message, key.selector.encode(), key.domain.encode(),
+                                key.material, canonicalize=(head, body),
+                                include_headers=include, signature_algorithm=key.algorithm)
+        value = signature.decode("ascii").split(":", 1)[1].strip().replace("\r\n", "\n")
+        added.append(AddHeader(FIELD, value, top=True))
+    return CheckResult(NAME, Result.PASS, edits=tuple(added),
+                       reason=", ".join(f"d={k.domain} s={k.selector}" for k in signers))

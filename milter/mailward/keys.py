@@ -1,0 +1,116 @@
+"""DKIM signing keys: load and check key files, compare with DNS, generate new ones.
+
+A key file is checked when the config is loaded (start-up and reload): it must exist, be
+readable, parse, and not be readable by others (mode o+r is refused). Errors name the file,
+never its content; the key material is held out of every repr, so it cannot reach a log.
+
+Formats, as dkimpy uses them: RSA keys in PEM (PKCS#1 or PKCS#8), ed25519 keys as the base64
+of the 32-byte seed (RFC 8463).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import stat
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nacl.signing
+from dkim.crypto import UnparsableKeyError, parse_pem_private_key, parse_public_key
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+
+class KeyFileError(ValueError):
+    """A key file is unusable; the message names the file and why."""
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """One selector's private key for one signing domain."""
+
+    domain: str
+    selector: str
+    path: str
+    algorithm: bytes  # b"rsa-sha256" or b"ed25519-sha256"
+    bits: int
+    material: bytes = field(repr=False, compare=False)
+    public: bytes = field(repr=False, compare=False)  # RSA modulus or ed25519 public key
+
+    def __str__(self) -> str:
+        return f"{self.domain} {self.selector} {self.path}"
+
+
+def load_key(path: str, *, domain: str, selector: str) -> SigningKey:
+    """Read and check a key file (see the module docstring)."""
+    try:
+        info = os.stat(path)
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot read key file: {exc.strerror}") from None
+    if info.st_mode & stat.S_IROTH:
+        raise KeyFileError(f"{path}: key file is readable by others (mode "
+                        f"{stat.S_IMODE(info.st_mode):o}); chmod o-rwx it")
+    if data.lstrip().startswith(b"-----BEGIN"):
+        try:
+            key = parse_pem_private_key(data)
+        except (UnparsableKeyError, ValueError, IndexError):
+            raise KeyFileError(f"{path}: not a usable RSA private key (PEM)") from None
+        modulus = int(key["modulus"])
+        return SigningKey(domain, selector, path, b"rsa-sha256", modulus.bit_length(), data,
+                          modulus.to_bytes((modulus.bit_length() + 7) // 8, "big"))
+    try:
+        seed = base64.b64decode(data.strip(), validate=True)
+        if len(seed) != 32:
+            raise ValueError(len(seed))
+        verify_key = bytes(nacl.signing.SigningKey(seed).verify_key)
+    except (ValueError, binascii.Error):
+        raise KeyFileError(f"{path}: neither an RSA PEM key nor a base64 ed25519 seed") from None
+    return SigningKey(domain, selector, path, b"ed25519-sha256", 256, data.strip(), verify_key)
+
+
+def published_key(record: bytes) -> bytes | None:
+    """The public key a DKIM key record publishes, in SigningKey.public's form."""
+    try:
+        tags = parse_tag_value(record)
+        p = base64.b64decode(b"".join(tags.get(b"p", b"").split()))
+        if tags.get(b"k", b"rsa").strip() == b"ed25519":
+            return p
+        modulus = int(parse_public_key(p)["modulus"])
+        return modulus.to_bytes((modulus.bit_length() + 7) // 8, "big")
+    except (InvalidTagValueList, UnparsableKeyError, ValueError, IndexError, KeyError):
+        return None
+
+
+def dns_record(key: SigningKey) -> str:
+    """The TXT record data to publish at selector._domainkey.domain."""
+    if key.algorithm == b"ed25519-sha256":
+        return f"v=DKIM1; k=ed25519; p={base64.b64encode(key.public).decode()}"
+    der = subprocess.run(["openssl", "pkey", "-pubout", "-outform", "DER"], input=key.material,
+                         capture_output=True, check=True).stdout
+    return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+
+
+def zone_line(key: SigningKey) -> str:
+    """A zone-file line for the record, in strings of at most 255 bytes (RFC 1035 §3.3)."""
+    data = dns_record(key)
+    chunks = " ".join(f'"{data[i:i + 250]}"' for i in range(0, len(data), 250))
+    return f"{key.selector}._domainkey.{key.domain}. IN TXT ( {chunks} )"
+
+
+def generate(*, domain: str, selector: str, kind: str = "rsa", bits: int = 2048,
+             directory: str = ".") -> SigningKey:
+    """Write a new private key, mode 0600, to DIRECTORY/DOMAIN.SELECTOR.key (never over one)."""
+    path = os.path.join(directory, f"{domain}.{selector}.key")
+    if kind == "ed25519":
+        material = base64.b64encode(bytes(nacl.signing.SigningKey.generate())) + b"\n"
+    else:
+        material = subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt",
+                                   f"rsa_keygen_bits:{bits}"], capture_output=True,
+                                  check=True).stdout
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(material)
+    return load_key(path, domain=domain, selector=selector)
