@@ -337,6 +337,7 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
         reply = f" reply=\"{verdict.reply}\"" if verdict.reply else ""
         quarantine = (f" reason=\"{verdict.quarantine_reason}\""
                       if verdict.quarantine_reason else "")
-        log.info("qid=%s client=%s direction=%s from=<%s> rcpts=%d %s verdict=%s%s%s",
-                 self.queue_id, tx.client_ip or tx.client_name or "-", tx.direction,
+        user = f" user={tx.auth_user}" if tx.auth_user else ""
+        log.info("qid=%s client=%s%s direction=%s from=<%s> rcpts=%d %s verdict=%s%s%s",
+                 self.queue_id, tx.client_ip or tx.client_name or "-", user, tx.direction,
                  tx.mail_from, len(tx.recipients), checks, verdict.action, reply, quarantine)

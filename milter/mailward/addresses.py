@@ -64,3 +64,14 @@ def author_domains(tx: Transaction) -> tuple[list[str], str]:
     if not domains or domains[0] is None:
         return [], "no usable author domain in From"
     return [domains[0]], ""
+
+
+def author_addresses(tx: Transaction) -> list[str]:
+    """Every address in the From field(s), local part as written, domain normalised."""
+    out = []
+    for f in tx.get_all("From"):
+        text = _strip_comments_and_quotes(f.stripped)
+        for local, domain in re.findall(r"([^\s<>,;:@\"()]*)@([^\s<>,;:@\"()]+)", text):
+            norm = normalise_domain(domain)
+            out.append(f"{local}@{norm}" if norm else f"{local}@{domain}")
+    return out

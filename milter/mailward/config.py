@@ -410,8 +410,8 @@ def from_parser(path: str, parser: configparser.ConfigParser) -> Config:
     dns = DnsSettings.load(section("dns"))
     metrics = MetricsSettings.load(section("metrics"))
     psec = section("policy")
-    order = psec.words("checks", ("tls", "spf", "dkim", "dmarc", "bcc", "trace", "dkim_sign",
-                                  "authres"))
+    order = psec.words("checks", ("tls", "sender", "spf", "dkim", "dmarc", "bcc", "trace",
+                                  "dkim_sign", "authres"))
     _check_order(psec, order, CHECKS)
     policy = PolicySettings(
         checks=order,
@@ -439,6 +439,9 @@ def from_parser(path: str, parser: configparser.ConfigParser) -> Config:
             chain.append(Link(name, module, settings, mode, on_error))
     for s in (section("milter"), section("dns"), section("metrics"), psec):
         s.finish()
+    if "sender" in order and not milter.local_domains:
+        warnings.append("[milter] local_domains is empty: the sender check's relay guard and "
+                        "own-domain rule are off")
     chain.sort(key=lambda link: order.index(link.name))
     return Config(path, milter, dns, metrics, policy, tuple(chain), tuple(warnings))
 

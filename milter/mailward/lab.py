@@ -36,6 +36,10 @@ socket = inet:{port}@127.0.0.1
 authserv_id = mx.lab.test
 trusted_networks = 192.0.2.0/24
 
+[check.sender]
+# the lab relays inbound test mail to every domain on purpose
+relay_guard = no
+
 [dns]
 nameservers = 127.0.0.1:{dns_port}
 timeout = 1
@@ -294,6 +298,8 @@ class PostfixLab:
             "biff": "no",
             "delay_warning_time": "0",
             "smtpd_banner": "$myhostname ESMTP lab",
+            # the lab's own client may claim a SASL login with XCLIENT LOGIN= (tests)
+            "smtpd_authorized_xclient_hosts": "127.0.0.1",
         }
         main.update(self.main_extra)
         (self.etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in main.items()))

@@ -93,10 +93,16 @@ class Harness:
 
     def send(self, data: bytes, rcpts: tuple[str, ...] = ("bob@example.net",), *,
              mail_from: str = "alice@example.org", tls: str | None = "TLSv1.3",
-             submission: bool = False) -> Outcome:
+             submission: bool = False, login: str = "") -> Outcome:
+        """One SMTP transaction; `login` claims a SASL login through XCLIENT (the lab allows
+        that for 127.0.0.1), which the milter sees as {auth_authen}."""
         port = self.lab.submission_port if submission else self.lab.smtp_port
         with smtplib.SMTP("127.0.0.1", port, timeout=120) as s:
             s.ehlo("client.example.org")
+            if login:
+                code, resp = s.docmd("XCLIENT", f"LOGIN={login}")
+                assert code == 220, resp
+                s.ehlo("client.example.org")
             if tls:
                 ctx = ssl.create_default_context()
                 ctx.check_hostname = False

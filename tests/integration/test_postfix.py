@@ -224,6 +224,30 @@ def harness_resolver(harness: Harness) -> Resolver:
     return Resolver(DnsSettings(nameservers=(("127.0.0.1", harness.dns.port),)))
 
 
+def test_authenticated_user_may_only_send_as_itself(harness: Harness) -> None:
+    mid, data = harness.message(sender="alice@example.org")
+    out = harness.send(data, submission=True, login="alice@example.org",
+                       mail_from="ceo@example.org")
+    assert (out.stage, out.code, out.text) == (
+        "mail", 553, "5.7.1 Sender address not owned by authenticated user")
+    out = harness.send(data, submission=True, login="bob@example.org",
+                       mail_from="bob@example.org")  # envelope fine, From is alice's
+    assert (out.stage, out.code) == ("data", 553)
+    assert harness.send(data, submission=True, login="alice@example.org").code == 250
+    harness.arrived(mid)
+    assert "user=alice@example.org direction=outbound" in harness.mw.log()
+
+
+def test_relay_guard(harness: Harness) -> None:
+    with harness.configured("[check.sender]\nrelay_guard = yes\n"):
+        mid, data = harness.message(to="x@lab.test")
+        out = harness.send(data, ("far@example.net", "x@lab.test"))
+        assert out.refused == {"far@example.net": (554, "5.7.1 Relay access denied")}
+        assert out.code == 250 and harness.arrived(mid).rcpts == ["x@lab.test"]
+        assert harness.send(data, ("far@example.net",), submission=True,
+                            login="alice@example.org").code == 250  # our user may relay
+
+
 # -- trace -----------------------------------------------------------------------------------
 
 TRACE_HEADERS = (

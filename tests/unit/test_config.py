@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_reference_config_loads_and_lists_every_key() -> None:
     cfg = config.load(REPO / "conf" / "mailward.ini")
-    assert [link.name for link in cfg.chain] == ["tls", "spf", "dkim", "dmarc", "bcc",
-                                                    "trace", "dkim_sign", "authres"]
+    assert [link.name for link in cfg.chain] == ["tls", "sender", "spf", "dkim", "dmarc",
+                                                    "bcc", "trace", "dkim_sign", "authres"]
     assert cfg.milter.socket == "inet:8895@127.0.0.1"
     assert cfg.metrics.listen == ("127.0.0.1", 9895)
     text = (REPO / "conf" / "mailward.ini").read_text()
