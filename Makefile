@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 # Building pymilter needs libmilter's headers and a compiler; the venv needs python3-venv.
 DEB_BUILD = python3 python3-venv python3-dev gcc libc6-dev libmilter-dev
-# The lab (demo, integration tests) runs a private Postfix with a certificate from openssl.
-DEB_LAB = postfix openssl
+# The lab (demo, integration tests) runs a private Postfix with a certificate from openssl;
+# the rate-limit tests run a private redis-server on loopback.
+DEB_LAB = postfix openssl redis-server
 
 .PHONY: demo test lint deps venv clean
 

@@ -66,3 +66,26 @@ def nameserver(_nameserver: Nameserver) -> Nameserver:
     """The loopback DNS server, emptied for this test."""
     _nameserver.clear()
     return _nameserver
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server on 127.0.0.1 (Debian's redis-server), for the session."""
+    import shutil
+    import subprocess
+
+    from mailward.lab import free_port, wait_for_port
+
+    need(shutil.which("redis-server") is not None,
+         "redis-server is missing: apt-get install redis-server")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)

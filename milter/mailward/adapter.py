@@ -23,6 +23,7 @@ import Milter
 
 from mailward import pipeline, policy
 from mailward.config import Config
+from mailward.counters import Counters
 from mailward.dns import Resolver
 from mailward.metrics import Metrics
 from mailward.transaction import (
@@ -63,6 +64,9 @@ class Runtime(Protocol):
 
     @property
     def resolver(self) -> Resolver | None: ...
+
+    @property
+    def counters(self) -> Counters | None: ...
 
 
 class ServeError(Exception):
@@ -240,7 +244,8 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
                                      queue_id=self.getsymval("i") or self.tx.queue_id)
             self.tx = tx
             tx, results = pipeline.run(self.config, Stage.EOM, tx, self._observe,
-                                       resolver=self.runtime.resolver)
+                                       resolver=self.runtime.resolver,
+                                   counters=self.runtime.counters)
             verdict = policy.decide(results, self.config.policy)
             self._count(results, verdict)
             self._log(tx, verdict)
@@ -277,7 +282,8 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
     def _early(self, stage: Stage, tx: Transaction) -> int:
         """Run the checks of MAIL or RCPT; act only on a reject or tempfail."""
         tx, results = pipeline.run(self.config, stage, tx, self._observe,
-                                   resolver=self.runtime.resolver)
+                                   resolver=self.runtime.resolver,
+                                   counters=self.runtime.counters)
         verdict = policy.decide(results, self.config.policy, final=False)
         if verdict.action is Action.ACCEPT or verdict.reply is None:
             return CONTINUE

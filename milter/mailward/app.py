@@ -15,6 +15,8 @@ import threading
 from mailward import config as configmod
 from mailward.adapter import ServeError, serve
 from mailward.config import Config
+from mailward.counters import Counters, MemoryCounters
+from mailward.counters import from_settings as counters_from
 from mailward.dns import DnsError, Resolver
 from mailward.errors import ConfigError, MailwardError
 from mailward.metrics import Metrics
@@ -33,6 +35,7 @@ class App:
         self.metrics = metrics if metrics is not None else Metrics()
         self._resolver = Resolver(self._config.dns, metrics=self.metrics)
         self._resolver.install()
+        self._counters = self._make_counters(self._config)
 
     @property
     def config(self) -> Config:
@@ -41,6 +44,16 @@ class App:
     @property
     def resolver(self) -> Resolver:
         return self._resolver
+
+    @property
+    def counters(self) -> Counters:
+        return self._counters
+
+    def _make_counters(self, config: Config) -> Counters:
+        link = next((li for li in config.chain if li.name == "ratelimit"), None)
+        if link is None:
+            return MemoryCounters(metrics=self.metrics)
+        return counters_from(link.settings, metrics=self.metrics)
 
     def reload(self) -> bool:
         """Load the config file again; keep the running config when the new one is bad."""
@@ -58,6 +71,11 @@ class App:
         if new.dns != old.dns:
             self._resolver = Resolver(new.dns, metrics=self.metrics)
             self._resolver.install()
+        old_rl = next((li.settings for li in old.chain if li.name == "ratelimit"), None)
+        new_rl = next((li.settings for li in new.chain if li.name == "ratelimit"), None)
+        if (getattr(old_rl, "backend", None), getattr(old_rl, "redis_url", None)) != (
+                getattr(new_rl, "backend", None), getattr(new_rl, "redis_url", None)):
+            self._counters = self._make_counters(new)
         self._config = new
         logging.getLogger().setLevel(new.milter.log_level.upper())
         self.metrics.config_reloads.labels(outcome="ok").inc()

@@ -410,8 +410,8 @@ def from_parser(path: str, parser: configparser.ConfigParser) -> Config:
     dns = DnsSettings.load(section("dns"))
     metrics = MetricsSettings.load(section("metrics"))
     psec = section("policy")
-    order = psec.words("checks", ("tls", "sender", "spf", "dkim", "dmarc", "bcc", "trace",
-                                  "dkim_sign", "authres"))
+    order = psec.words("checks", ("tls", "sender", "ratelimit", "spf", "dkim", "dmarc", "bcc",
+                                  "trace", "dkim_sign", "authres"))
     _check_order(psec, order, CHECKS)
     policy = PolicySettings(
         checks=order,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mailward.config import MilterSettings
+from mailward.counters import Counters
 from mailward.dns import Resolver
 from mailward.verdict import CheckResult
 
@@ -19,4 +20,5 @@ class Deps:
 
     site: MilterSettings
     dns: Resolver | None = None
+    counters: Counters | None = None
     results: tuple[CheckResult, ...] = ()

@@ -190,7 +190,7 @@ class CaptureSink(socketserver.ThreadingTCPServer):
 MASTER_CF = """\
 127.0.0.1:{smtp_port} inet n - n - - smtpd
 127.0.0.1:{submission_port} inet n - n - - smtpd
-  -o syslog_name=postfix/submission
+  -o syslog_name=postfix/submission{submission_milter}
   -o milter_macro_daemon_name=ORIGINATING
   -o cleanup_service_name=subcleanup
 subcleanup unix n - n - 0 cleanup
@@ -234,6 +234,7 @@ class PostfixLab:
     milter_socket: str  # Postfix syntax, e.g. inet:127.0.0.1:8895
     sink_port: int
     main_extra: dict[str, str] = field(default_factory=dict)
+    submission_milter: str = ""  # another milter for the submission service only
     smtp_port: int = field(default_factory=free_port)
     submission_port: int = field(default_factory=free_port)
 
@@ -304,7 +305,9 @@ class PostfixLab:
         main.update(self.main_extra)
         (self.etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in main.items()))
         (self.etc / "master.cf").write_text(MASTER_CF.format(
-            smtp_port=self.smtp_port, submission_port=self.submission_port, etc=self.etc))
+            smtp_port=self.smtp_port, submission_port=self.submission_port, etc=self.etc,
+            submission_milter=(f"\n  -o smtpd_milters={self.submission_milter}"
+                               if self.submission_milter else "")))
         # The submission hop's own Received field (never shown to milters) is dropped by its
         # cleanup. In production match "with ESMTPSA" (authenticated); the lab has no SASL.
         (self.etc / "submission_header_checks").write_text(
@@ -423,7 +426,8 @@ class Lab:
 
 @contextlib.contextmanager
 def running_lab(config_text: str, *, root: Path | None = None, zone: str = "",
-                main_extra: dict[str, str] | None = None) -> Iterator[Lab]:
+                main_extra: dict[str, str] | None = None,
+                submission_milter: str = "") -> Iterator[Lab]:
     """Start a DNS server (serving `zone`), sink, mailward and Postfix; stop all on exit."""
     owned = root is None
     root = root or Path(tempfile.mkdtemp(prefix="mailward-lab-"))
@@ -433,7 +437,8 @@ def running_lab(config_text: str, *, root: Path | None = None, zone: str = "",
         ns.load_zone(zone)
     sink = CaptureSink()
     mw = MailwardProcess(config_text, root / "mailward", dns_port=ns.port)
-    lab = PostfixLab(root / "postfix", mw.postfix_socket, sink.port, main_extra or {})
+    lab = PostfixLab(root / "postfix", mw.postfix_socket, sink.port, main_extra or {},
+                     submission_milter)
     try:
         mw.start()
         lab.start()

@@ -41,6 +41,11 @@ class Metrics:
             "mailward_dns_duration_seconds", "Time of DNS lookups that reached a server.",
             ["rtype"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                                 5, 10), registry=r)
+        self.ratelimit_hits = Counter("mailward_ratelimit_hits", "Rate limits exceeded, by key "
+                                      "kind (never by value).",
+                                      ["direction", "kind", "measure"], registry=r)
+        self.ratelimit_backend_errors = Counter(
+            "mailward_ratelimit_backend_errors", "Counter store (Redis) failures.", registry=r)
         self.config_reloads = Counter("mailward_config_reloads", "Configuration reloads.",
                                       ["outcome"], registry=r)
         self.build_info = Gauge("mailward_build_info", "Build information.", ["version"],

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from mailward.config import Config, Link, Mode
+from mailward.counters import Counters
 from mailward.deps import Deps
 from mailward.dns import Resolver
 from mailward.nets import in_networks
@@ -61,7 +62,8 @@ def run_link(link: Link, tx: Transaction, deps: Deps) -> CheckResult:
 
 
 def run(config: Config, stage: Stage, tx: Transaction, observe: Observer | None = None, *,
-        resolver: Resolver | None = None) -> tuple[Transaction, tuple[CheckResult, ...]]:
+        resolver: Resolver | None = None, counters: Counters | None = None
+        ) -> tuple[Transaction, tuple[CheckResult, ...]]:
     """Run every enabled check that acts at `stage`, in chain order."""
     tx = dataclasses.replace(tx, stage=stage, direction=classify(tx, config))
     results: list[CheckResult] = []
@@ -69,7 +71,7 @@ def run(config: Config, stage: Stage, tx: Transaction, observe: Observer | None 
         if stage not in link.module.STAGES:
             continue
         start = time.perf_counter()
-        result = run_link(link, tx, Deps(site=config.milter, dns=resolver,
+        result = run_link(link, tx, Deps(site=config.milter, dns=resolver, counters=counters,
                                          results=tuple(results)))
         if observe is not None:
             observe(link.name, result, time.perf_counter() - start)

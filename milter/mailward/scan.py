@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from mailward import pipeline, policy
 from mailward.config import Config
+from mailward.counters import MemoryCounters
+from mailward.counters import from_settings as counters_from
 from mailward.dns import Resolver
 from mailward.transaction import Body, Stage, Tls, Transaction, index_headers
 from mailward.verdict import Action, AddHeader, ChangeHeader, DeleteHeader, Verdict
@@ -61,13 +63,15 @@ def scan(config: Config, raw: bytes, *, client_ip: str = "", helo: str = "",
     """Drive MAIL, each RCPT and end of message for `raw`, as the adapter would."""
     resolver = Resolver(config.dns)
     resolver.install()
+    link = next((li for li in config.chain if li.name == "ratelimit"), None)
+    counters = counters_from(link.settings) if link else MemoryCounters()
     pairs, body_bytes = parse_message(raw)
     base = Transaction(
         stage=Stage.CONNECT,
         client_ip=ipaddress.ip_address(client_ip) if client_ip else None,
         helo=helo, tls=Tls(tls_version) if tls_version else None, auth_user=auth_user,
         daemon_name=daemon_name, mail_from=mail_from)
-    tx, results = pipeline.run(config, Stage.MAIL, base, resolver=resolver)
+    tx, results = pipeline.run(config, Stage.MAIL, base, resolver=resolver, counters=counters)
     mail = policy.decide(results, config.policy, final=False)
     if mail.action is not Action.ACCEPT:
         return ScanReport(mail, (), None, str(tx.direction))
@@ -75,7 +79,8 @@ def scan(config: Config, raw: bytes, *, client_ip: str = "", helo: str = "",
     accepted: tuple[str, ...] = ()
     for rcpt in rcpts:
         candidate = dataclasses.replace(tx, recipients=(*accepted, rcpt))
-        _, results = pipeline.run(config, Stage.RCPT, candidate, resolver=resolver)
+        _, results = pipeline.run(config, Stage.RCPT, candidate, resolver=resolver,
+                                  counters=counters)
         verdict = policy.decide(results, config.policy, final=False)
         verdicts.append((rcpt, verdict))
         if verdict.action is Action.ACCEPT:
@@ -87,7 +92,7 @@ def scan(config: Config, raw: bytes, *, client_ip: str = "", helo: str = "",
         body.write(body_bytes.replace(b"\n", b"\r\n"))  # as an MTA hands it over: CRLF
         eom = dataclasses.replace(tx, recipients=accepted, headers=index_headers(pairs),
                                   body=body)
-        eom, results = pipeline.run(config, Stage.EOM, eom, resolver=resolver)
+        eom, results = pipeline.run(config, Stage.EOM, eom, resolver=resolver, counters=counters)
         final = policy.decide(results, config.policy)
     finally:
         body.close()

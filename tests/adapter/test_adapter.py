@@ -32,6 +32,7 @@ class Runtime:
         self.config = config
         self.metrics = Metrics()
         self.resolver = None  # the chain below needs no DNS
+        self.counters = None  # nor counters
 
 
 class RecordingCtx(testctx.TestCtx):  # type: ignore[misc]

@@ -7,11 +7,23 @@ import each other; a check that needs another's result reads it from `deps.resul
 
 from types import MappingProxyType
 
-from mailward.checks import authres, bcc, dkim, dkim_sign, dmarc, sender, spf, tls, trace
+from mailward.checks import (
+    authres,
+    bcc,
+    dkim,
+    dkim_sign,
+    dmarc,
+    ratelimit,
+    sender,
+    spf,
+    tls,
+    trace,
+)
 
 CHECKS = MappingProxyType({
     tls.NAME: tls,
     sender.NAME: sender,
+    ratelimit.NAME: ratelimit,
     spf.NAME: spf,
     dkim.NAME: dkim,
     dmarc.NAME: dmarc,
