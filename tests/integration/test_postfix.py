@@ -209,9 +209,14 @@ def test_submitted_mail_is_signed_and_inbound_is_not(harness: Harness, tmp_path:
                f"  example.org sub2 {ed.path}\n")
     with harness.configured(signing):
         mid, data = harness.message(TRACE_HEADERS + "Bcc: boss@example.org\r\n")
-        assert harness.send(data, submission=True).code == 250
+        assert harness.send(data, submission=True, login="alice@example.org").code == 250
         out = harness.arrived(mid)
         assert b"Bcc:" not in out.data and b"10.1.2.3" not in out.data
+        # exactly what leaves: our two signatures over the sanitised header, the external hop
+        assert names(out.headers()) == [
+            "Authentication-Results", "DKIM-Signature", "DKIM-Signature", "From", "To",
+            "Message-ID", "Received", "Subject", "Date"]
+        assert "outside.example.org" in dict(out.headers())["Received"]
         d = dkimpy.DKIM(out.data)
         assert [d.verify(idx=i, dnsfunc=harness_resolver(harness).dkim_txt)
                 for i in range(2)] == [True, True]

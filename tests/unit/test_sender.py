@@ -67,6 +67,13 @@ def test_from_header_ownership(cfg_text: str) -> None:
     assert two[0] is Result.FAIL
 
 
+def test_from_without_an_address(cfg_text: str) -> None:
+    got = run(cfg_text, Stage.EOM, auth_user="bob", headers=[("From", " bob")])
+    assert got == (Result.FAIL, Action.REJECT, MISMATCH)
+    # no From at all: the MTA adds one from the (already checked) envelope
+    assert run(cfg_text, Stage.EOM, auth_user="bob")[0] is Result.NONE
+
+
 def test_monitor_mode(cfg_text: str) -> None:
     got = run(cfg_text + "mode = monitor\n", Stage.MAIL, auth_user="bob",
               mail_from="ceo@example.com")

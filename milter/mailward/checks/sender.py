@@ -117,6 +117,9 @@ def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
             addresses = author_addresses(tx)
         else:
             return CheckResult(NAME, Result.NONE)
+        if tx.stage is Stage.EOM and tx.get_all("From") and not addresses:
+            return _result(Result.FAIL, settings.mismatch_action, settings.mismatch_reply,
+                           f"{tx.auth_user}: From has no address")
         refused = [a for a in addresses if not settings.owns(tx.auth_user, a)]
         if refused:
             return _result(Result.FAIL, settings.mismatch_action, settings.mismatch_reply,
