@@ -56,6 +56,9 @@ def run_link(link: Link, tx: Transaction, deps: Deps) -> CheckResult:
                       tx.stage.name.lower())
         result = CheckResult(link.name, Result.TEMPERROR, action=link.on_error,
                              reason=f"internal error: {type(exc).__name__}")
+    if result.result is Result.TEMPERROR:  # DNS, Redis, a bug: an operator wants to know
+        log.warning("qid=%s check %s temperror at %s, %s: %s", tx.queue_id or "-", link.name,
+                    tx.stage.name.lower(), result.action, result.reason)
     if link.mode is Mode.MONITOR:
         result = _monitor(result)
     return result

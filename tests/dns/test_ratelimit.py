@@ -147,7 +147,8 @@ def test_redis_keys_carry_no_clear_text(redis_url: str) -> None:
 
 @pytest.mark.parametrize(("choice", "action"), [("accept", Action.ACCEPT),
                                                  ("tempfail", Action.TEMPFAIL)])
-def test_redis_down_fails_open_or_closed(choice: str, action: Action) -> None:
+def test_redis_down_fails_open_or_closed(choice: str, action: Action,
+                                         caplog: pytest.LogCaptureFixture) -> None:
     from mailward.lab import free_port
 
     dead = f"redis://127.0.0.1:{free_port()}/0"
@@ -157,3 +158,6 @@ def test_redis_down_fails_open_or_closed(choice: str, action: Action) -> None:
     result, got, _ = attempt(text, counters, auth_user="alice")
     assert (result, got) == (Result.TEMPERROR, action)
     assert metrics.registry.get_sample_value("mailward_ratelimit_backend_errors_total") == 1
+    (line,) = [r.getMessage() for r in caplog.records if "temperror" in r.getMessage()]
+    assert f"check ratelimit temperror at mail, {action}: redis: ConnectionError" in line
+    assert ("fail closed" if choice == "tempfail" else "fail open") in line
