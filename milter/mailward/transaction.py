@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -145,3 +145,12 @@ def index_headers(pairs: list[tuple[str, str]]) -> tuple[Header, ...]:
         seen[key] = seen.get(key, 0) + 1
         out.append(Header(name, value, seen[key]))
     return tuple(out)
+
+
+def render_message(headers: Iterable[tuple[str, str]], body: Body | None) -> bytes:
+    """The message on the wire: fields as received (folds as CRLF), blank line, body."""
+    head = b"".join(
+        name.encode("ascii", "surrogateescape") + b":"
+        + value.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8", "surrogateescape")
+        + b"\r\n" for name, value in headers)
+    return head + b"\r\n" + (b"".join(body.chunks()) if body is not None else b"")

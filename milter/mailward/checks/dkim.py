@@ -34,7 +34,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 from mailward.config import Section
 from mailward.deps import Deps
 from mailward.dns import DnsError, Resolver
-from mailward.transaction import Direction, Stage, Transaction
+from mailward.transaction import Direction, Stage, Transaction, render_message
 from mailward.verdict import AuthResEntry, CheckResult, Result
 
 NAME = "dkim"
@@ -193,13 +193,8 @@ def _crypto(message: dkimpy.DKIM, idx: int, tags: dict[bytes, bytes], record: by
 
 
 def message_bytes(tx: Transaction) -> bytes:
-    """The message as received: header fields byte-exact (CRLF folds), blank line, body."""
-    head = b"".join(
-        h.name.encode("ascii", "surrogateescape") + b":"
-        + h.value.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8", "surrogateescape")
-        + b"\r\n" for h in tx.headers)
-    body = b"".join(tx.body.chunks()) if tx.body is not None else b""
-    return head + b"\r\n" + body
+    """The message as received, for dkimpy."""
+    return render_message(((h.name, h.value) for h in tx.headers), tx.body)
 
 
 def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:

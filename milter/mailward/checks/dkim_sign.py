@@ -23,7 +23,7 @@ from mailward.addresses import author_domains
 from mailward.config import Section
 from mailward.deps import Deps
 from mailward.policy import apply_edits
-from mailward.transaction import Direction, Stage, Transaction
+from mailward.transaction import Direction, Stage, Transaction, render_message
 from mailward.verdict import AddHeader, CheckResult, Result
 
 NAME = "dkim_sign"
@@ -121,11 +121,7 @@ def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
         return CheckResult(NAME, Result.NONE, reason=f"no key for {domain}")
     edits = tuple(e for r in deps.results for e in r.edits)
     headers = apply_edits(tx.headers, edits)
-    message = b"".join(
-        n.encode("ascii", "surrogateescape") + b":"
-        + v.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8", "surrogateescape")
-        + b"\r\n" for n, v in headers) + b"\r\n" + (
-        b"".join(tx.body.chunks()) if tx.body is not None else b"")
+    message = render_message(headers, tx.body)
     head, body = settings.canonicalization.encode().split(b"/")
     include = _include(headers, settings)
     added = []
