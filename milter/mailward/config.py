@@ -119,6 +119,17 @@ class Section:
 
         return self.parse(key, default, f"one of {names}", convert)
 
+    def option(self, key: str, default: str, options: tuple[str, ...]) -> str:
+        """One word out of `options` (compared without case)."""
+        def convert(raw: str) -> str:
+            if raw.lower() not in options:
+                raise ValueError(raw)
+            return raw.lower()
+
+        expected = (" or ".join(options) if len(options) == 2
+                    else "one of " + ", ".join(options))
+        return self.parse(key, default, expected, convert)
+
     def words(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
         """A comma- or space-separated list."""
         raw = self._raw(key)

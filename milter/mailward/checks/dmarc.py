@@ -125,12 +125,7 @@ class Settings:
 
     @classmethod
     def load(cls, sec: Section) -> Settings:
-        def mode(raw: str) -> str:
-            if raw.lower() not in ("treewalk", "psl"):
-                raise ValueError(raw)
-            return raw.lower()
-
-        org = sec.parse("org_domain", cls.org_domain, "treewalk or psl", mode)
+        org = sec.option("org_domain", cls.org_domain, ("treewalk", "psl"))
         refusals = (Action.ACCEPT, Action.REJECT, Action.QUARANTINE, Action.TEMPFAIL)
         return cls(
             org_domain=org,

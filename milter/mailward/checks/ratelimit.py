@@ -48,13 +48,6 @@ class Settings:
 
     @classmethod
     def load(cls, sec: Section) -> Settings:
-        def choice(*options: str) -> object:
-            def convert(raw: str) -> str:
-                if raw.lower() not in options:
-                    raise ValueError(raw)
-                return raw.lower()
-            return convert
-
         limits = []
         for line in (ln.strip() for ln in sec.string("limits", "").replace(",", "\n")
                      .splitlines()):
@@ -67,8 +60,7 @@ class Settings:
                 raise sec.error("limits", "lines of 'inbound|outbound user|domain|network "
                                 "messages|recipients NUMBER'", line)
             limits.append(" ".join(words))
-        backend = sec.parse("backend", cls.backend, "memory or redis",
-                            choice("memory", "redis"))  # type: ignore[arg-type]
+        backend = sec.option("backend", cls.backend, ("memory", "redis"))
         if backend == "redis":
             try:
                 import redis  # noqa: F401
@@ -80,9 +72,8 @@ class Settings:
             redis_url=sec.parse("redis_url", cls.redis_url, "a redis:// or unix:// URL",
                                 _redis_url),
             timeout=sec.seconds("timeout", cls.timeout, maximum=10),
-            on_backend_error=sec.parse("on_backend_error", cls.on_backend_error,
-                                       "accept or tempfail",
-                                       choice("accept", "tempfail")),  # type: ignore[arg-type]
+            on_backend_error=sec.option("on_backend_error", cls.on_backend_error,
+                                        ("accept", "tempfail")),
             window=sec.integer("window", cls.window, minimum=1, maximum=7 * 86400),
             ipv4_prefix=sec.integer("ipv4_prefix", cls.ipv4_prefix, minimum=8, maximum=32),
             ipv6_prefix=sec.integer("ipv6_prefix", cls.ipv6_prefix, minimum=16, maximum=128),

@@ -42,13 +42,8 @@ class Settings:
 
     @classmethod
     def load(cls, sec: Section) -> Settings:
-        def mode(raw: str) -> str:
-            if raw.lower() not in ("remove", "rewrite"):
-                raise ValueError(raw)
-            return raw.lower()
-
         return cls(
-            action=sec.parse("action", cls.action, "remove or rewrite", mode),
+            action=sec.option("action", cls.action, ("remove", "rewrite")),
             internal_hosts=sec.domains("internal_hosts"),
             strip_headers=sec.words("strip_headers", cls.strip_headers),
         )
