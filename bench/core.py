@@ -1,0 +1,84 @@
+"""The policy core alone: the full default chain on one typical inbound message, in-process.
+
+Run by hand:  .venv/bin/python bench/core.py [-n 2000] [--profile]
+
+No MTA, no milter protocol: a loopback DNS server answers (warm cache after the first
+message), counters are in memory. Compare with bench/throughput.py's CPU per message to see
+what the milter protocol handling costs on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import dataclasses
+import ipaddress
+import pstats
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "milter"))
+
+from mailward import config, pipeline, policy
+from mailward.counters import MemoryCounters
+from mailward.dns import Resolver
+from mailward.labdns import Nameserver
+from mailward.scan import parse_message
+from mailward.transaction import Body, Stage, Tls, Transaction, index_headers
+
+MESSAGE = (b"From: bench@example.org\r\nTo: x@example.net\r\nSubject: s\r\nMessage-ID: <1@x>\r\n"
+           + b"".join(b"X-Filler-%d: value\r\n" % i for i in range(14)) + b"\r\n"
+           + (b"y" * 78 + b"\r\n") * 52)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-n", type=int, default=2000)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    ns = Nameserver()
+    ns.load_zone('example.org. TXT "v=spf1 ip4:127.0.0.1 -all"\n'
+                 '_dmarc.example.org. TXT "v=DMARC1; p=reject"\n')
+    cfg = config.loads("[milter]\nauthserv_id = mx.lab.test\ntrusted_networks = 192.0.2.0/24\n"
+                       f"[dns]\nnameservers = 127.0.0.1:{ns.port}\n")
+    resolver, counters = Resolver(cfg.dns), MemoryCounters()
+    resolver.install()
+    pairs, body = parse_message(MESSAGE)
+    base = Transaction(stage=Stage.CONNECT, client_ip=ipaddress.ip_address("127.0.0.1"),
+                       helo="client.example.org", tls=Tls("TLSv1.3", "TLS_AES_256_GCM_SHA384"),
+                       mail_from="bench@example.org")
+
+    def one() -> None:
+        tx, _ = pipeline.run(cfg, Stage.MAIL, base, resolver=resolver, counters=counters)
+        tx = dataclasses.replace(tx, recipients=("x@example.net",))
+        pipeline.run(cfg, Stage.RCPT, tx, resolver=resolver, counters=counters)
+        spool = Body(threshold=1 << 20)
+        spool.write(body.replace(b"\n", b"\r\n"))
+        tx = dataclasses.replace(tx, headers=index_headers(pairs), body=spool)
+        _, results = pipeline.run(cfg, Stage.EOM, tx, resolver=resolver, counters=counters)
+        policy.decide(results, cfg.policy)
+        spool.close()
+
+    one()  # warm the DNS cache
+    warm = len(ns.queries)
+    start = time.perf_counter()
+    for _ in range(args.n):
+        one()
+    seconds = time.perf_counter() - start
+    print(f"{args.n} messages through {len(cfg.chain)} checks: "
+          f"{1000 * seconds / args.n:.3f} ms/message, {args.n / seconds:.0f} messages/s "
+          f"on one core; DNS queries after warm-up: {len(ns.queries) - warm}")
+    if args.profile:
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(300):
+            one()
+        profile.disable()
+        pstats.Stats(profile).sort_stats("cumulative").print_stats(20)
+    ns.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
