@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mailward import keys
 from mailward.lab import (
     LAB_CONFIG,
     Captured,
@@ -75,7 +76,7 @@ SAMPLES = (
            "Subject: trust me\r\n"
            "Authentication-Results: MX.LAB.TEST; spf=pass smtp.mailfrom=ceo@example.com\r\n"
            "Authentication-Results: other.example; dkim=pass header.d=example.org\r\n"),
-    Sample("submitted, after an internal relay", "frank@example.net",
+    Sample("submitted after an internal relay (signed on the way out)", "frank@example.net",
            "Subject: leaving the building\r\n"
            "Received: from laptop.corp.lab.test (laptop.corp.lab.test [10.1.2.3])\r\n"
            "\tby relay.corp.lab.test with ESMTP id 42; Mon, 23 Nov 2026 10:00:00 +0000\r\n"
@@ -129,7 +130,15 @@ def main(*, keep: bool = False) -> int:
         return 1
     root = Path(tempfile.mkdtemp(prefix="mailward-demo-"))
     print(f"Starting a private Postfix on 127.0.0.1 with mailward attached (in {root}) ...")
-    with running_lab(CONFIG, root=root, zone=ZONE) as running:
+    keydir = root / "keys"
+    keydir.mkdir()
+    signing = [keys.generate(domain="example.org", selector="demo-rsa", directory=str(keydir)),
+               keys.generate(domain="example.org", selector="demo-ed", kind="ed25519",
+                             directory=str(keydir))]
+    config = merge_ini(CONFIG, "[check.dkim_sign]\nkeys = " + "\n    ".join(
+        str(k) for k in signing) + "\n")
+    zone = ZONE + "".join(keys.zone_line(k) + "\n" for k in signing)
+    with running_lab(config, root=root, zone=zone) as running:
         lab, mw, sink = running.postfix, running.mailward, running.sink
         print(f"  Postfix smtpd 127.0.0.1:{lab.smtp_port}, submission "
               f"127.0.0.1:{lab.submission_port} (ORIGINATING), mailward 127.0.0.1:{mw.port}, "
