@@ -119,6 +119,14 @@ def test_actions_refuse_at_mail_from(nameserver: Nameserver, resolver: Resolver)
         Action.TEMPFAIL, "451 4.7.24 SPF check failed temporarily, try again later")
 
 
+def test_default_settings_evaluate_once(nameserver: Nameserver, resolver: Resolver) -> None:
+    nameserver.load_zone(ZONE)
+    result, _ = run("", resolver, stage=Stage.MAIL)
+    assert result.result is Result.NONE and nameserver.queries == []  # nothing can refuse
+    refusing, _ = run("[check.spf]\non_fail = reject\n", resolver, stage=Stage.MAIL)
+    assert refusing.result is Result.PASS
+
+
 def test_outbound_is_never_judged(nameserver: Nameserver, resolver: Resolver) -> None:
     nameserver.load_zone(ZONE)
     result, _ = run("[check.spf]\non_fail = reject\n", resolver, client_ip="203.0.113.1",

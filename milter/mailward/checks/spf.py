@@ -8,7 +8,7 @@ Results are RFC 7208's words: pass, fail, softfail, neutral, none, temperror (DN
 SERVFAIL: never `fail` or `none`), permerror. The HELO identity is checked on its own
 (§2.3, `smtp.helo`); for the null sender `<>` the MAIL FROM result is the HELO result (§2.4).
 Each result has a configurable action (default accept: SPF feeds DMARC); a refusal is sent at
-MAIL FROM.
+MAIL FROM. With every action accept, SPF is evaluated once, at end of message.
 """
 
 from __future__ import annotations
@@ -61,6 +61,10 @@ class Settings:
                                       temporary=True),
         )
 
+    def refuses(self) -> bool:
+        """Could any result refuse the message? If not, MAIL FROM need not evaluate."""
+        return any(getattr(self, f"on_{r}") is not Action.ACCEPT for r in RESULTS)
+
     def action(self, result: Result) -> Action:
         action: Action = getattr(self, f"on_{result}", Action.ACCEPT)
         return action
@@ -85,6 +89,8 @@ def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
     """Evaluate SPF for HELO and MAIL FROM (see the module docstring)."""
     if tx.direction is not Direction.INBOUND or tx.client_ip is None:
         return CheckResult(NAME, Result.NONE, reason=f"{tx.direction}: not checked")
+    if tx.stage is Stage.MAIL and not settings.refuses():
+        return CheckResult(NAME, Result.NONE, reason="evaluated at end of message")
     if deps.dns is None or pyspf.DNSLookup != deps.dns.spf_lookup:
         # never let pyspf fall back to its own, unbounded and uncounted, DNS
         raise RuntimeError("pyspf is not bound to mailward's resolver (Resolver.install)")
