@@ -3,14 +3,19 @@ PYTHON ?= python3
 VENV ?= .venv
 # Building pymilter needs libmilter's headers and a compiler; the venv needs python3-venv.
 DEB_BUILD = python3 python3-venv python3-dev gcc libc6-dev libmilter-dev
-# The lab (demo, integration tests) runs a private Postfix with a certificate from openssl;
-# the rate-limit tests run a private redis-server on loopback.
-DEB_LAB = postfix openssl redis-server
+# The lab (demo, integration tests) runs a private Postfix with a certificate from openssl.
+DEB_LAB = postfix openssl
+# Only the tests: a private redis-server on loopback (rate limits shared by a fleet) and
+# systemd-analyze to check the unit file.
+DEB_TEST = redis-server systemd
 
-.PHONY: demo test lint deps venv clean
+.PHONY: demo test lint deps test-deps venv clean
 
 deps:
 	sh packaging/debian-deps.sh $(DEB_BUILD) $(DEB_LAB)
+
+test-deps:
+	sh packaging/debian-deps.sh $(DEB_BUILD) $(DEB_LAB) $(DEB_TEST)
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +33,7 @@ lint: venv
 	$(VENV)/bin/ruff check milter tests bench
 	$(VENV)/bin/mypy
 
-test: deps
+test: test-deps
 	$(MAKE) venv
 	$(MAKE) lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
