@@ -105,9 +105,6 @@ class Captured:
 
         return parse_message(self.data)[0]
 
-    def get_all(self, name: str) -> list[str]:
-        return [v for n, v in self.headers() if n.lower() == name.lower()]
-
 
 class _SinkHandler(socketserver.StreamRequestHandler):
     server: CaptureSink

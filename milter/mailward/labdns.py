@@ -2,9 +2,9 @@
 port, records from zone text or added one by one.
 
 Failure modes: names in `drop` are never answered (a timeout), names in `servfail` get
-SERVFAIL, names in `garbage` get bytes that are no DNS message, names in `delay` are answered
-late. UDP answers larger than 512 bytes (or the
-client's EDNS size) are truncated (TC), so clients must retry over TCP, as with a real server.
+SERVFAIL, names in `garbage` get bytes that are no DNS message. UDP answers larger than 512
+bytes (or the client's EDNS size) are truncated (TC), so clients must retry over TCP, as with
+a real server.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import socket
 import socketserver
 import struct
 import threading
-import time
 
 import dns.flags
 import dns.message
@@ -43,7 +42,6 @@ class Nameserver:
         self.drop_missing: set[str] = set()
         self.servfail: set[str] = set()
         self.garbage: set[str] = set()  # names answered with bytes that are no DNS message
-        self.delay: dict[str, float] = {}
         self.queries: list[tuple[str, str, str]] = []
         self.negative_ttl = negative_ttl
         self._lock = threading.Lock()
@@ -91,7 +89,6 @@ class Nameserver:
             self.drop_missing.clear()
             self.servfail.clear()
             self.garbage.clear()
-            self.delay.clear()
             self.queries.clear()
 
     def add(self, name: str, rtype: str, *values: str, ttl: int = 300) -> None:
@@ -143,13 +140,10 @@ class Nameserver:
             dropped = text.rstrip(".") in self.drop or (
                 text.rstrip(".") in self.drop_missing and (qname, qtype) not in self.rrsets)
             servfail = text.rstrip(".") in self.servfail
-            delay = self.delay.get(text.rstrip("."), 0.0)
         if dropped:
             return None
         if text.rstrip(".") in self.garbage:
             return wire[:2] + b"\x81\x80" + b"\xff" * 40  # our id, then nonsense
-        if delay:
-            time.sleep(delay)
         response = dns.message.make_response(query)
         response.flags |= dns.flags.AA
         if servfail:

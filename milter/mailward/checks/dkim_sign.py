@@ -13,6 +13,7 @@ domain, or no key for it. Nothing is ever signed for a domain without a configur
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -94,6 +95,11 @@ class Settings:
             loaded=tuple(loaded),
         )
 
+    @functools.cached_property
+    def signing_domain(self) -> dict[str, str]:
+        """domain_map as a lookup, built once per loaded config."""
+        return dict(m.split(":", 1) for m in self.domain_map)
+
 
 def _include(headers: list[tuple[str, str]], settings: Settings) -> list[bytes]:
     present: dict[str, int] = {}
@@ -114,8 +120,7 @@ def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
     domains, problem = author_domains(tx)
     if problem:
         return CheckResult(NAME, Result.NONE, reason=f"not signed: {problem}")
-    mapping = dict(m.split(":", 1) for m in settings.domain_map)
-    domain = mapping.get(domains[0], domains[0])
+    domain = settings.signing_domain.get(domains[0], domains[0])
     signers = [k for k in settings.loaded if k.domain == domain]
     if not signers:
         return CheckResult(NAME, Result.NONE, reason=f"no key for {domain}")

@@ -17,6 +17,7 @@ none (no limit applies).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -81,12 +82,17 @@ class Settings:
             reply=sec.reply("reply", str(cls.reply), temporary=True),
         )
 
-    def limit(self, direction: str, kind: str, measure: str) -> int:
+    @functools.cached_property
+    def table(self) -> dict[tuple[str, str, str], int]:
+        """The limits as a lookup, built once per loaded config."""
+        out: dict[tuple[str, str, str], int] = {}
         for line in self.limits:
             d, k, m, n = line.split()
-            if (d, k, m) == (direction, kind, measure):
-                return int(n)
-        return 0
+            out[(d, k, m)] = int(n)
+        return out
+
+    def limit(self, direction: str, kind: str, measure: str) -> int:
+        return self.table.get((direction, kind, measure), 0)
 
 
 def _redis_url(raw: str) -> str:
