@@ -20,12 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "milter"))
 
-from mailward import config, pipeline, policy
-from mailward.counters import MemoryCounters
-from mailward.dns import Resolver
-from mailward.labdns import Nameserver
+from mailward.checks import REGISTRY
+from mailward.core import config, pipeline
+from mailward.core.snapshot import build
+from mailward.core.transaction import Body, Stage, Tls, Transaction, index_headers
+from mailward.lab.dns import Nameserver
 from mailward.scan import parse_message
-from mailward.transaction import Body, Stage, Tls, Transaction, index_headers
 
 MESSAGE = (b"From: bench@example.org\r\nTo: x@example.net\r\nSubject: s\r\nMessage-ID: <1@x>\r\n"
            + b"".join(b"X-Filler-%d: value\r\n" % i for i in range(14)) + b"\r\n"
@@ -41,23 +41,21 @@ def main() -> int:
     ns.load_zone('example.org. TXT "v=spf1 ip4:127.0.0.1 -all"\n'
                  '_dmarc.example.org. TXT "v=DMARC1; p=reject"\n')
     cfg = config.loads("[milter]\nauthserv_id = mx.lab.test\ntrusted_networks = 192.0.2.0/24\n"
-                       f"[dns]\nnameservers = 127.0.0.1:{ns.port}\n")
-    resolver, counters = Resolver(cfg.dns), MemoryCounters()
-    resolver.install()
+                       f"[dns]\nnameservers = 127.0.0.1:{ns.port}\n", REGISTRY)
+    snapshot = build(cfg)
     pairs, body = parse_message(MESSAGE)
     base = Transaction(stage=Stage.CONNECT, client_ip=ipaddress.ip_address("127.0.0.1"),
                        helo="client.example.org", tls=Tls("TLSv1.3", "TLS_AES_256_GCM_SHA384"),
                        mail_from="bench@example.org")
 
     def one() -> None:
-        tx, _ = pipeline.run(cfg, Stage.MAIL, base, resolver=resolver, counters=counters)
+        tx, _ = pipeline.evaluate(Stage.MAIL, base, snapshot)
         tx = dataclasses.replace(tx, recipients=("x@example.net",))
-        pipeline.run(cfg, Stage.RCPT, tx, resolver=resolver, counters=counters)
+        pipeline.evaluate(Stage.RCPT, tx, snapshot)
         spool = Body(threshold=1 << 20)
         spool.write(body.replace(b"\n", b"\r\n"))
         tx = dataclasses.replace(tx, headers=index_headers(pairs), body=spool)
-        _, results = pipeline.run(cfg, Stage.EOM, tx, resolver=resolver, counters=counters)
-        policy.decide(results, cfg.policy)
+        pipeline.evaluate(Stage.EOM, tx, snapshot)
         spool.close()
 
     one()  # warm the DNS cache

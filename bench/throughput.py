@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "milter"))
 
-from mailward.lab import LAB_CONFIG, CaptureSink, MailwardProcess, PostfixLab, merge_ini
-from mailward.labdns import Nameserver
+from mailward.lab.dns import Nameserver
+from mailward.lab.postfix import LAB_CONFIG, CaptureSink, MailwardProcess, PostfixLab, merge_ini
 
 CONFIG = merge_ini(LAB_CONFIG, "[check.tls]\nrequire_domains = secure.example\n")
 

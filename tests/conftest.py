@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import os
+import shutil
+import subprocess
 from collections.abc import Iterator
 
 import pytest
 
-from mailward import config
-from mailward.labdns import Nameserver
-from mailward.transaction import Stage, Tls, Transaction, index_headers
+from mailward.checks import REGISTRY
+from mailward.core import config, pipeline
+from mailward.core.check import Context
+from mailward.core.snapshot import Snapshot, build
+from mailward.core.transaction import Stage, Tls, Transaction, index_headers
+from mailward.core.verdict import CheckResult
+from mailward.lab.dns import Nameserver
+from mailward.lab.postfix import free_port, wait_for_port
+from mailward.services.dns import Budget, Resolver
+from mailward.services.ratestore import RateStore
 
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
 
@@ -30,15 +41,46 @@ def make_config(text: str = "") -> config.Config:
         base = ""
     if "[policy]" not in text:
         base += "[policy]\nchecks = tls, bcc, trace, authres\n"
-    return config.loads(base + text)
+    return config.loads(base + text, REGISTRY)
+
+
+def loads(text: str, path: str = "<string>") -> config.Config:
+    """`config.loads` with the application's registry."""
+    return config.loads(text, REGISTRY, path)
+
+
+def snapshot_of(cfg: config.Config | Snapshot, *, resolver: Resolver | None = None,
+                rates: RateStore | None = None) -> Snapshot:
+    """A services snapshot for `cfg`, with the given resolver or rate store if any."""
+    snap = cfg if isinstance(cfg, Snapshot) else build(cfg)
+    return dataclasses.replace(snap, resolver=resolver or snap.resolver,
+                               rates=rates or snap.rates)
+
+
+def run_stage(cfg: config.Config | Snapshot, stage: Stage, tx: Transaction, *,
+              resolver: Resolver | None = None, rates: RateStore | None = None
+              ) -> tuple[Transaction, tuple[CheckResult, ...]]:
+    """Drive one stage through the core entry point; the transaction and every result."""
+    tx, verdict = pipeline.evaluate(stage, tx, snapshot_of(cfg, resolver=resolver,
+                                                             rates=rates))
+    return tx, verdict.results
+
+
+def run_check(cfg: config.Config | Snapshot, name: str, tx: Transaction,
+              results: tuple[CheckResult, ...] = ()) -> CheckResult:
+    """Run one check of the chain on `tx` (direction classified), after `results`."""
+    snap = snapshot_of(cfg)
+    link = next(li for li in snap.config.chain if li.name == name)
+    tx = pipeline.evaluate(tx.stage, tx, snap)[0]  # classify direction as the pipeline does
+    ctx = Context(site=snap.config.milter, dns=snap.resolver.bind(Budget(60)),
+                  rates=snap.rates, results=results)
+    return pipeline.run_link(link, tx, ctx)
 
 
 def make_tx(*, stage: Stage = Stage.EOM, headers: list[tuple[str, str]] | None = None,
             tls: str = "", **kw: object) -> Transaction:
-    import ipaddress
-
     ip = kw.pop("client_ip", "203.0.113.9")
-    return Transaction(stage=stage, client_ip=ipaddress.ip_address(ip) if ip else None,
+    return Transaction(stage=stage, client_ip=ipaddress.ip_address(str(ip)) if ip else None,
                        tls=Tls(tls, "TLS_AES_256_GCM_SHA384", "256") if tls else None,
                        headers=index_headers(headers or []), **kw)  # type: ignore[arg-type]
 
@@ -71,11 +113,6 @@ def nameserver(_nameserver: Nameserver) -> Nameserver:
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private redis-server on 127.0.0.1 (Debian's redis-server), for the session."""
-    import shutil
-    import subprocess
-
-    from mailward.lab import free_port, wait_for_port
-
     need(shutil.which("redis-server") is not None,
          "redis-server is missing: apt-get install redis-server")
     port = free_port()

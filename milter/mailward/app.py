@@ -1,9 +1,13 @@
-"""Build everything once and run the milter: config, metrics, signals, reload.
+"""Build everything once and run the milter: config, services snapshot, metrics, signals.
 
 Signals (libmilter facts in DESIGN.md): HUP/TERM/INT/USR1 are blocked before any thread
 starts, so every thread inherits the mask; libmilter's own signal thread then `sigwait`s
-TERM/INT/HUP and stops gracefully, and our reload thread `sigwait`s USR1. A bad config on
-reload is logged and the running one kept.
+TERM/INT/HUP and stops gracefully, and our reload thread `sigwait`s USR1.
+
+Reload builds the next services snapshot from the new config and the running one (keeping the
+resolver's cache and the rate-limit windows where nothing changed) and replaces the reference
+in one assignment: connections already open finish with the snapshot they started with. A bad
+config on reload is logged and the running one kept.
 """
 
 from __future__ import annotations
@@ -12,14 +16,15 @@ import logging
 import signal
 import threading
 
-from mailward import config as configmod
-from mailward.adapter import ServeError, serve
-from mailward.config import Config
-from mailward.counters import Counters, MemoryCounters
-from mailward.counters import from_settings as counters_from
-from mailward.dns import DnsError, Resolver
+from mailward.adapter.milter import ServeError, serve
+from mailward.checks import REGISTRY
+from mailward.core import config as configmod
+from mailward.core import snapshot as snapshotmod
+from mailward.core.check import Registry
+from mailward.core.config import Config
+from mailward.core.snapshot import Snapshot
 from mailward.errors import ConfigError, MailwardError
-from mailward.metrics import Metrics
+from mailward.services.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -27,79 +32,51 @@ BLOCKED = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
 
 
 class App:
-    """The running application: holds the current config; reload swaps it atomically."""
+    """The running application: holds the current snapshot; reload replaces it as one."""
 
-    def __init__(self, path: str, *, metrics: Metrics | None = None) -> None:
+    def __init__(self, path: str, *, metrics: Metrics | None = None,
+                 registry: Registry = REGISTRY) -> None:
         self.path = path
-        self._config = configmod.load(path)
+        self.registry = registry
         self.metrics = metrics if metrics is not None else Metrics()
-        self._resolver = Resolver(self._config.dns, metrics=self.metrics)
-        self._resolver.install()
-        self._counters = self._make_counters(self._config)
+        self._snapshot = snapshotmod.build(configmod.load(path, registry), metrics=self.metrics)
+        self._reload_lock = threading.Lock()
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
 
     @property
     def config(self) -> Config:
-        return self._config
-
-    @property
-    def resolver(self) -> Resolver:
-        return self._resolver
-
-    @property
-    def counters(self) -> Counters:
-        return self._counters
-
-    def _make_counters(self, config: Config) -> Counters:
-        link = next((li for li in config.chain if li.name == "ratelimit"), None)
-        if link is None:
-            return MemoryCounters(metrics=self.metrics)
-        return counters_from(link.settings, metrics=self.metrics)
+        return self._snapshot.config
 
     def reload(self) -> bool:
-        """Load the config file again; keep the running config when the new one is bad."""
-        try:
-            new = configmod.load(self.path)
-        except ConfigError as exc:
-            log.error("reload failed, keeping the running configuration: %s", exc)
-            self.metrics.config_reloads.labels(outcome="failed").inc()
-            return False
-        old = self._config
-        if (new.milter.socket, new.metrics.listen) != (old.milter.socket, old.metrics.listen):
-            log.warning("reload: [milter] socket and [metrics] listen take effect on restart")
-        for warning in new.warnings:
-            log.warning("%s", warning)
-        if new.dns != old.dns:
-            self._resolver = Resolver(new.dns, metrics=self.metrics)
-            self._resolver.install()
-        old_rl = next((li.settings for li in old.chain if li.name == "ratelimit"), None)
-        new_rl = next((li.settings for li in new.chain if li.name == "ratelimit"), None)
-        if (getattr(old_rl, "backend", None), getattr(old_rl, "redis_url", None)) != (
-                getattr(new_rl, "backend", None), getattr(new_rl, "redis_url", None)):
-            self._counters = self._make_counters(new)
-        self._config = new
-        logging.getLogger().setLevel(new.milter.log_level.upper())
-        self.metrics.config_reloads.labels(outcome="ok").inc()
-        self.check_published_keys()
-        log.info("configuration reloaded from %s", self.path)
-        return True
+        """Load the config file again; keep the running snapshot when the new one is bad."""
+        with self._reload_lock:
+            try:
+                new = configmod.load(self.path, self.registry)
+            except ConfigError as exc:
+                log.error("reload failed, keeping the running configuration: %s", exc)
+                self.metrics.config_reloads.labels(outcome="failed").inc()
+                return False
+            old = self._snapshot
+            if (new.milter.socket, new.metrics.listen) != (old.config.milter.socket,
+                                                           old.config.metrics.listen):
+                log.warning("reload: [milter] socket and [metrics] listen take effect on "
+                            "restart")
+            for warning in new.warnings:
+                log.warning("%s", warning)
+            self._snapshot = snapshotmod.build(new, metrics=self.metrics, previous=old)
+            logging.getLogger().setLevel(new.milter.log_level.upper())
+            self.metrics.config_reloads.labels(outcome="ok").inc()
+            self.setup_warnings()
+            log.info("configuration reloaded from %s (generation %d)", self.path,
+                     self._snapshot.generation)
+            return True
 
-    def check_published_keys(self) -> list[str]:
-        """Warn (and return why) for signing keys that DNS does not publish as configured."""
-        from mailward.keys import published_key
-
-        warnings = []
-        for link in self._config.chain:
-            for key in getattr(link.settings, "loaded", ()):
-                name = f"{key.selector}._domainkey.{key.domain}"
-                try:
-                    records = self._resolver.txt(name)
-                except DnsError as exc:
-                    warnings.append(f"dkim_sign: cannot check {name} in DNS: {exc}")
-                    continue
-                if not any(published_key(r) == key.public for r in records):
-                    warnings.append(f"dkim_sign: the key {key.path} does not match the record "
-                                    f"at {name} ({'none' if not records else 'different'}); "
-                                    "signatures will not verify")
+    def setup_warnings(self) -> list[str]:
+        """Log (and return) what the chain's checks find wrong with the world."""
+        warnings = self._snapshot.setup_warnings()
         for warning in warnings:
             log.warning("%s", warning)
         return warnings
@@ -111,8 +88,8 @@ class App:
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT/SIGHUP."""
-        cfg = self._config
-        self.check_published_keys()
+        cfg = self.config
+        self.setup_warnings()
         signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
         threading.Thread(target=self._reload_loop, name="reload", daemon=True).start()
         if cfg.metrics.listen is not None:

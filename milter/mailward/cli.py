@@ -9,8 +9,14 @@ import os
 import sys
 
 from mailward import __version__
-from mailward import config as configmod
+from mailward.app import App
+from mailward.checks import REGISTRY
+from mailward.core import config as configmod
+from mailward.core.snapshot import build
 from mailward.errors import MailwardError
+from mailward.lab.demo import main as demo_main
+from mailward.scan import report_dict, scan
+from mailward.services import keys
 
 DEFAULT_CONFIG = "/etc/mailward/mailward.ini"
 
@@ -22,8 +28,6 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mailward.app import App  # imports pymilter's C module: only when running
-
     app = App(args.config)
     _setup_logging(app.config.milter.log_level)
     for warning in app.config.warnings:
@@ -33,7 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = configmod.load(args.config)
+    cfg = configmod.load(args.config, REGISTRY)
     sys.stdout.write(f"# {args.config}: OK\n")
     for warning in cfg.warnings:
         sys.stdout.write(f"# warning: {warning}\n")
@@ -42,20 +46,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from mailward.scan import report_dict, scan
-
     if args.config:
-        cfg = configmod.load(args.config)
+        cfg = configmod.load(args.config, REGISTRY)
     elif os.path.exists(DEFAULT_CONFIG):
-        cfg = configmod.load(DEFAULT_CONFIG)
+        cfg = configmod.load(DEFAULT_CONFIG, REGISTRY)
     else:
-        cfg = configmod.loads("", "<defaults>")
+        cfg = configmod.loads("", REGISTRY, "<defaults>")
     if args.file == "-":
         raw = sys.stdin.buffer.read()
     else:
         with open(args.file, "rb") as fh:
             raw = fh.read()
-    report = scan(cfg, raw, client_ip=args.client_ip, helo=args.helo,
+    report = scan(build(cfg), raw, client_ip=args.client_ip, helo=args.helo,
                   mail_from=args.mail_from, rcpts=tuple(args.rcpt or ["postmaster@localhost"]),
                   tls_version=args.tls_version, auth_user=args.auth_user,
                   daemon_name=args.daemon_name)
@@ -102,8 +104,6 @@ def format_report(data: dict[str, object]) -> str:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from mailward import keys
-
     try:
         key = keys.generate(domain=args.domain, selector=args.selector, kind=args.type,
                             bits=args.bits, directory=args.dir)
@@ -118,8 +118,6 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mailward.demo import main as demo_main
-
     return demo_main(keep=args.keep)
 
 

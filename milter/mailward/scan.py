@@ -7,13 +7,11 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from mailward import pipeline, policy
-from mailward.config import Config
-from mailward.counters import MemoryCounters
-from mailward.counters import from_settings as counters_from
-from mailward.dns import Resolver
-from mailward.transaction import Body, Stage, Tls, Transaction, index_headers
-from mailward.verdict import Action, AddHeader, ChangeHeader, DeleteHeader, Verdict
+from mailward.core import pipeline
+from mailward.core.snapshot import Snapshot
+from mailward.core.transaction import Body, Stage, Tls, Transaction, index_headers
+from mailward.core.verdict import Action, AddHeader, ChangeHeader, DeleteHeader, Verdict
+from mailward.services.dns import Budget
 
 _HEADER_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
 
@@ -57,31 +55,26 @@ class ScanReport:
     direction: str
 
 
-def scan(config: Config, raw: bytes, *, client_ip: str = "", helo: str = "",
+def scan(snapshot: Snapshot, raw: bytes, *, client_ip: str = "", helo: str = "",
          mail_from: str = "", rcpts: tuple[str, ...] = (), tls_version: str = "",
          auth_user: str = "", daemon_name: str = "") -> ScanReport:
     """Drive MAIL, each RCPT and end of message for `raw`, as the adapter would."""
-    resolver = Resolver(config.dns)
-    resolver.install()
-    link = next((li for li in config.chain if li.name == "ratelimit"), None)
-    counters = counters_from(link.settings) if link else MemoryCounters()
+    config = snapshot.config
+    budget = Budget(config.dns.budget)
     pairs, body_bytes = parse_message(raw)
     base = Transaction(
         stage=Stage.CONNECT,
         client_ip=ipaddress.ip_address(client_ip) if client_ip else None,
         helo=helo, tls=Tls(tls_version) if tls_version else None, auth_user=auth_user,
         daemon_name=daemon_name, mail_from=mail_from)
-    tx, results = pipeline.run(config, Stage.MAIL, base, resolver=resolver, counters=counters)
-    mail = policy.decide(results, config.policy, final=False)
+    tx, mail = pipeline.evaluate(Stage.MAIL, base, snapshot, budget=budget)
     if mail.action is not Action.ACCEPT:
         return ScanReport(mail, (), None, str(tx.direction))
     verdicts = []
     accepted: tuple[str, ...] = ()
     for rcpt in rcpts:
         candidate = dataclasses.replace(tx, recipients=(*accepted, rcpt))
-        _, results = pipeline.run(config, Stage.RCPT, candidate, resolver=resolver,
-                                  counters=counters)
-        verdict = policy.decide(results, config.policy, final=False)
+        _, verdict = pipeline.evaluate(Stage.RCPT, candidate, snapshot, budget=budget)
         verdicts.append((rcpt, verdict))
         if verdict.action is Action.ACCEPT:
             accepted += (rcpt,)
@@ -92,8 +85,7 @@ def scan(config: Config, raw: bytes, *, client_ip: str = "", helo: str = "",
         body.write(body_bytes.replace(b"\n", b"\r\n"))  # as an MTA hands it over: CRLF
         eom = dataclasses.replace(tx, recipients=accepted, headers=index_headers(pairs),
                                   body=body)
-        eom, results = pipeline.run(config, Stage.EOM, eom, resolver=resolver, counters=counters)
-        final = policy.decide(results, config.policy)
+        eom, final = pipeline.evaluate(Stage.EOM, eom, snapshot, budget=budget)
     finally:
         body.close()
     return ScanReport(mail, tuple(verdicts), final, str(eom.direction))

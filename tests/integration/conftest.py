@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from mailward.lab import (
+from mailward.lab.dns import Nameserver
+from mailward.lab.postfix import (
     LAB_CONFIG,
     Captured,
     CaptureSink,
@@ -34,7 +35,6 @@ from mailward.lab import (
     missing_tools,
     running_lab,
 )
-from mailward.labdns import Nameserver
 from tests.conftest import need
 
 BASE_CONFIG = merge_ini(LAB_CONFIG, """

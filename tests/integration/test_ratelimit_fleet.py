@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mailward.lab import LAB_CONFIG, MailwardProcess, merge_ini, missing_tools, running_lab
+from mailward.lab.postfix import LAB_CONFIG, MailwardProcess, merge_ini, missing_tools, running_lab
 from tests.conftest import need
 
 pytestmark = pytest.mark.integration

@@ -1,11 +1,13 @@
-"""The registry of checks: an explicit name → module mapping, in the default order.
+"""The registry of checks, in the default order: the one place where that order is written.
 
-Each module exports `NAME`, `STAGES` (the protocol stages where it runs), a frozen `Settings`
-with `Settings.load(section)`, and `check(tx, deps, settings) -> CheckResult`. Checks never
-import each other; a check that needs another's result reads it from `deps.results`.
+Each module exports `NAME`, a frozen `Settings`, `check(tx, ctx, settings) -> CheckResult` and
+`CHECK`, an instance of its `core.check.Check` subclass declaring stages, directions, the checks
+it needs before it and the services it uses. Checks never import each other; a check that needs
+another's findings reads its typed outcome (`ctx.outcome(SpfOutcome)`).
+
+Only the entry points (cli, app, bench, tests) import this registry and hand it to the config
+loader; the core never imports a check.
 """
-
-from types import MappingProxyType
 
 from mailward.checks import (
     authres,
@@ -19,16 +21,17 @@ from mailward.checks import (
     tls,
     trace,
 )
+from mailward.core.check import Registry
 
-CHECKS = MappingProxyType({
-    tls.NAME: tls,
-    sender.NAME: sender,
-    ratelimit.NAME: ratelimit,
-    spf.NAME: spf,
-    dkim.NAME: dkim,
-    dmarc.NAME: dmarc,
-    bcc.NAME: bcc,
-    trace.NAME: trace,
-    dkim_sign.NAME: dkim_sign,
-    authres.NAME: authres,
-})
+REGISTRY = Registry((
+    tls.CHECK,
+    sender.CHECK,
+    ratelimit.CHECK,
+    spf.CHECK,
+    dkim.CHECK,
+    dmarc.CHECK,
+    bcc.CHECK,
+    trace.CHECK,
+    dkim_sign.CHECK,
+    authres.CHECK,
+))

@@ -20,13 +20,19 @@ from dataclasses import dataclass
 
 import authres
 
-from mailward.config import Section
-from mailward.deps import Deps
-from mailward.transaction import Direction, Stage, Transaction
-from mailward.verdict import AddHeader, AuthResEntry, CheckResult, DeleteHeader, Result, safe_text
+from mailward.core.check import EVERY_OTHER, Check, Context
+from mailward.core.ini import Section
+from mailward.core.transaction import Direction, Stage, Transaction
+from mailward.core.verdict import (
+    AddHeader,
+    AuthResEntry,
+    CheckResult,
+    DeleteHeader,
+    Result,
+    safe_text,
+)
 
 NAME = "authres"
-STAGES = (Stage.EOM,)
 FIELD = "Authentication-Results"
 
 _PVALUE_UNSAFE = re.compile(r"[^\x21-\x7e]")
@@ -43,11 +49,7 @@ class Settings:
 
     @classmethod
     def load(cls, sec: Section) -> Settings:
-        def directions(raw: str) -> tuple[Direction, ...]:
-            return tuple(Direction(w) for w in re.split(r"[\s,]+", raw.lower()) if w)
-
-        return cls(directions=sec.parse("directions", cls.directions,
-                                        "a list of inbound, internal, outbound", directions))
+        return cls(directions=sec.enums("directions", Direction, cls.directions))
 
 
 def _skip_cfws(s: str, i: int) -> int:
@@ -123,16 +125,31 @@ def render(authserv_id: str, entries: tuple[AuthResEntry, ...]) -> str:
     return f"{authserv_id};\n\t" + ";\n\t".join(parts)
 
 
-def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
-    """Delete forged fields and add ours, reporting `deps.results`."""
-    ours = deps.site.authserv_id.lower()
+def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
+    """Delete forged fields and add ours, reporting `ctx.results`."""
+    ours = ctx.site.authserv_id.lower()
     forged = [h for h in tx.get_all(FIELD) if authserv_id_of(h.value) == ours]
     edits: list[DeleteHeader | AddHeader] = [
         DeleteHeader(h.name, h.index) for h in sorted(forged, key=lambda h: -h.index)]
     if tx.direction in settings.directions:
-        entries = tuple(e for r in deps.results for e in r.authres)
-        edits.append(AddHeader(FIELD, render(deps.site.authserv_id, entries), top=True))
+        entries = tuple(e for r in ctx.results for e in r.authres)
+        edits.append(AddHeader(FIELD, render(ctx.site.authserv_id, entries), top=True))
     if forged:
         return CheckResult(NAME, Result.PASS, edits=tuple(edits),
                            reason=f"deleted {len(forged)} forged field(s)")
     return CheckResult(NAME, Result.NONE, edits=tuple(edits))
+
+
+class AuthRes(Check[Settings]):
+    name = NAME
+    stages = frozenset({Stage.EOM})
+    after = (EVERY_OTHER,)  # it reports every other check
+
+    def load(self, sec: Section) -> Settings:
+        return Settings.load(sec)
+
+    def run(self, tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
+        return check(tx, ctx, settings)
+
+
+CHECK = AuthRes()

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailward.config import Section
-from mailward.deps import Deps
-from mailward.transaction import Stage, Transaction
-from mailward.verdict import CheckResult, DeleteHeader, Result
+from mailward.core.check import Check, Context
+from mailward.core.ini import Section
+from mailward.core.transaction import Stage, Transaction
+from mailward.core.verdict import CheckResult, DeleteHeader, Result
 
 NAME = "bcc"
-STAGES = (Stage.EOM,)
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ class Settings:
         return cls(headers=sec.words("headers", cls.headers))
 
 
-def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
+def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
     """Delete every field named in `settings.headers`."""
     wanted = {h.lower() for h in settings.headers}
     found = [h for h in tx.headers if h.name.lower() in wanted]
@@ -43,3 +42,17 @@ def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
     names = sorted({h.name for h in found})
     return CheckResult(NAME, Result.PASS, edits=edits,
                        reason=f"removed {len(found)} field(s): {', '.join(names)}")
+
+
+class Bcc(Check[Settings]):
+    name = NAME
+    stages = frozenset({Stage.EOM})
+
+    def load(self, sec: Section) -> Settings:
+        return Settings.load(sec)
+
+    def run(self, tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
+        return check(tx, ctx, settings)
+
+
+CHECK = Bcc()

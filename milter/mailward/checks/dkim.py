@@ -31,14 +31,14 @@ import dkim as dkimpy
 from dkim.canonicalization import CanonicalizationPolicy
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from mailward.config import Section
-from mailward.deps import Deps
-from mailward.dns import DnsError, Resolver
-from mailward.transaction import Direction, Stage, Transaction, render_message
-from mailward.verdict import AuthResEntry, CheckResult, Result
+from mailward.core.check import Check, Context, Service
+from mailward.core.ini import Section
+from mailward.core.outcomes import DkimOutcome, DkimSignature
+from mailward.core.transaction import Direction, Stage, Transaction, render_message
+from mailward.core.verdict import CheckResult, Result
+from mailward.services.dns import BoundResolver, DnsError
 
 NAME = "dkim"
-STAGES = (Stage.EOM,)
 MIN_RSA_BITS = 1024  # RFC 8301 §3.2
 ALGORITHMS = {b"rsa-sha256": (b"rsa", b"sha256"), b"ed25519-sha256": (b"ed25519", b"sha256")}
 FIELD = "DKIM-Signature"
@@ -63,25 +63,6 @@ class Settings:
             accept_partial_body=sec.boolean("accept_partial_body", cls.accept_partial_body),
             max_message_size=sec.size("max_message_size", cls.max_message_size),
         )
-
-
-@dataclass(frozen=True, slots=True)
-class Signature:
-    """The outcome for one signature."""
-
-    result: Result
-    reason: str
-    domain: str = ""
-    selector: str = ""
-    algorithm: str = ""
-    b: str = ""
-
-    def entry(self) -> AuthResEntry:
-        props = tuple(("header", k, v) for k, v in (
-            ("d", self.domain), ("s", self.selector), ("a", self.algorithm), ("b", self.b[:8]))
-            if v)
-        reason = "" if self.result is Result.PASS else self.reason
-        return AuthResEntry("dkim", self.result, reason=reason, properties=props)
 
 
 def _text(value: bytes) -> str:
@@ -129,7 +110,7 @@ def _signature_problem(tags: dict[bytes, bytes], now: float) -> Problem | None:
     return None
 
 
-def _key(tags: dict[bytes, bytes], name: str, *, resolver: Resolver,
+def _key(tags: dict[bytes, bytes], name: str, *, resolver: BoundResolver,
          settings: Settings) -> tuple[bytes, Problem | None]:
     """The key record for the signature, or why it cannot verify it."""
     try:
@@ -153,14 +134,14 @@ def _key(tags: dict[bytes, bytes], name: str, *, resolver: Resolver,
     return record, None
 
 
-def verify_one(message: dkimpy.DKIM, idx: int, value: str, *, resolver: Resolver,
-               settings: Settings, now: float) -> Signature:
+def verify_one(message: dkimpy.DKIM, idx: int, value: str, *, resolver: BoundResolver,
+               settings: Settings, now: float) -> DkimSignature:
     """Verify the idx-th DKIM-Signature field (value as received) of `message`."""
     try:
         tags = parse_tag_value(value.encode("utf-8", "surrogateescape"))
     except InvalidTagValueList as exc:
-        return Signature(Result.NEUTRAL, f"malformed signature: {exc}")
-    sig = Signature(Result.NONE, "", domain=_text(tags.get(b"d", b"")),
+        return DkimSignature(Result.NEUTRAL, f"malformed signature: {exc}")
+    sig = DkimSignature(Result.NONE, "", domain=_text(tags.get(b"d", b"")),
                     selector=_text(tags.get(b"s", b"")), algorithm=_text(tags.get(b"a", b"")),
                     b=_text(re.sub(rb"\s+", b"", tags.get(b"b", b""))))
     problem = _signature_problem(tags, now)
@@ -197,31 +178,47 @@ def message_bytes(tx: Transaction) -> bytes:
     return render_message(((h.name, h.value) for h in tx.headers), tx.body)
 
 
-def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
+def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
     """Verify the signatures of `tx` (see the module docstring)."""
     fields = tx.get_all(FIELD)
-    if tx.direction is not Direction.INBOUND:
-        return CheckResult(NAME, Result.NONE, reason=f"{tx.direction}: not checked")
     if not fields:
+        outcome = DkimOutcome()
         return CheckResult(NAME, Result.NONE, reason="no signature",
-                           authres=(AuthResEntry("dkim", Result.NONE),))
-    if deps.dns is None:
-        raise RuntimeError("dkim needs mailward's resolver")
+                           authres=outcome.entries(), outcome=outcome)
     size = sum(len(h.name) + len(h.value) for h in tx.headers) + (
         tx.body.size if tx.body else 0)
     if size > settings.max_message_size:
-        sigs = [Signature(Result.POLICY, "message larger than max_message_size: not verified")
+        sigs = [DkimSignature(Result.POLICY,
+                              "message larger than max_message_size: not verified")
                 for _ in fields]
     else:
         message = dkimpy.DKIM(message_bytes(tx), minkey=MIN_RSA_BITS)
         now = time.time()
-        sigs = [verify_one(message, i, h.value, resolver=deps.dns, settings=settings, now=now)
+        sigs = [verify_one(message, i, h.value, resolver=ctx.dns, settings=settings, now=now)
                 if i < settings.max_signatures else
-                Signature(Result.POLICY, "over max_signatures: not verified")
+                DkimSignature(Result.POLICY, "over max_signatures: not verified")
                 for i, h in enumerate(fields)]
+    outcome = DkimOutcome(tuple(sigs))
     results = {s.result for s in sigs}
     overall = next((r for r in (Result.PASS, Result.TEMPERROR, Result.FAIL, Result.POLICY,
                                 Result.PERMERROR, Result.NEUTRAL) if r in results), Result.NONE)
     reason = "; ".join(f"{s.domain or '?'}: {s.result}" + (f" ({s.reason})" if s.reason else "")
                        for s in sigs)
-    return CheckResult(NAME, overall, reason=reason, authres=tuple(s.entry() for s in sigs))
+    return CheckResult(NAME, overall, reason=reason, authres=outcome.entries(),
+                       outcome=outcome)
+
+
+class Dkim(Check[Settings]):
+    name = NAME
+    stages = frozenset({Stage.EOM})
+    directions = frozenset({Direction.INBOUND})
+    uses = frozenset({Service.DNS})
+
+    def load(self, sec: Section) -> Settings:
+        return Settings.load(sec)
+
+    def run(self, tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
+        return check(tx, ctx, settings)
+
+
+CHECK = Dkim()

@@ -19,16 +19,15 @@ from dataclasses import dataclass, field
 
 import dkim as dkimpy
 
-from mailward import keys as keymod
-from mailward.addresses import author_domains
-from mailward.config import Section
-from mailward.deps import Deps
-from mailward.policy import apply_edits
-from mailward.transaction import Direction, Stage, Transaction, render_message
-from mailward.verdict import AddHeader, CheckResult, Result
+from mailward.core.addresses import author_domains
+from mailward.core.check import Check, Context
+from mailward.core.ini import Section
+from mailward.core.transaction import Direction, Stage, Transaction, render_message
+from mailward.core.verdict import AddHeader, CheckResult, Result, apply_edits
+from mailward.services import keys as keymod
+from mailward.services.dns import DnsError, Resolver
 
 NAME = "dkim_sign"
-STAGES = (Stage.EOM,)
 FIELD = "DKIM-Signature"
 SIGNED = ("From", "Reply-To", "Subject", "Date", "To", "Cc", "Message-ID", "In-Reply-To",
           "References", "MIME-Version", "Content-Type", "Content-Transfer-Encoding",
@@ -88,10 +87,7 @@ class Settings:
             canonicalization=sec.parse("canonicalization", cls.canonicalization,
                                        "header/body canonicalization, e.g. relaxed/relaxed",
                                        canon),
-            directions=sec.parse("directions", cls.directions,
-                                 "a list of outbound, internal, inbound",
-                                 lambda raw: tuple(Direction(w) for w in
-                                                   re.split(r"[\s,]+", raw.lower()) if w)),
+            directions=sec.enums("directions", Direction, cls.directions),
             loaded=tuple(loaded),
         )
 
@@ -113,7 +109,7 @@ def _include(headers: list[tuple[str, str]], settings: Settings) -> list[bytes]:
     return out
 
 
-def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
+def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
     """Sign `tx` as it will leave (see the module docstring)."""
     if tx.direction not in settings.directions:
         return CheckResult(NAME, Result.NONE, reason=f"{tx.direction}: not signed")
@@ -124,7 +120,7 @@ def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
     signers = [k for k in settings.loaded if k.domain == domain]
     if not signers:
         return CheckResult(NAME, Result.NONE, reason=f"no key for {domain}")
-    edits = tuple(e for r in deps.results for e in r.edits)
+    edits = tuple(e for r in ctx.results for e in r.edits)
     headers = apply_edits(tx.headers, edits)
     message = render_message(headers, tx.body)
     head, body = settings.canonicalization.encode().split(b"/")
@@ -138,3 +134,38 @@ def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
         added.append(AddHeader(FIELD, value, top=True))
     return CheckResult(NAME, Result.PASS, edits=tuple(added),
                        reason=", ".join(f"d={k.domain} s={k.selector}" for k in signers))
+
+
+def published_key_warnings(settings: Settings, resolver: Resolver) -> list[str]:
+    """Keys that DNS does not publish as configured (their signatures would not verify)."""
+    warnings = []
+    for key in settings.loaded:
+        name = f"{key.selector}._domainkey.{key.domain}"
+        try:
+            records = resolver.txt(name)
+        except DnsError as exc:
+            warnings.append(f"dkim_sign: cannot check {name} in DNS: {exc}")
+            continue
+        if not any(keymod.published_key(r) == key.public for r in records):
+            warnings.append(f"dkim_sign: the key {key.path} does not match the record "
+                            f"at {name} ({'none' if not records else 'different'}); "
+                            "signatures will not verify")
+    return warnings
+
+
+class DkimSign(Check[Settings]):
+    name = NAME
+    stages = frozenset({Stage.EOM})
+    after = ("bcc", "trace")  # sign the header as it leaves, after their edits
+
+    def load(self, sec: Section) -> Settings:
+        return Settings.load(sec)
+
+    def run(self, tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
+        return check(tx, ctx, settings)
+
+    def setup_warnings(self, settings: Settings, resolver: Resolver) -> list[str]:
+        return published_key_warnings(settings, resolver)
+
+
+CHECK = DkimSign()

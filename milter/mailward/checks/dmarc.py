@@ -1,8 +1,10 @@
 """dmarc: is the From domain aligned with a passing SPF or DKIM identity, and what does its
 policy say? (RFC 9989, the DMARCbis text in shared/reference; RFC 7489 behaviour on request)
 
-Inbound mail only: our own users' outbound mail is never judged. Reads the `spf` and `dkim`
-results earlier in the chain (their Authentication-Results entries); looks nothing up twice.
+Inbound mail only: our own users' outbound mail is never judged. Reads the typed outcomes of
+the `spf` and `dkim` checks earlier in the chain (`SpfOutcome`, `DkimOutcome`); looks nothing up
+twice. Publishes a `DmarcOutcome` (author domain, policy as published and as applied, aligned
+identifiers) for what comes after it.
 
 Author Domain (§5.3.1): exactly one From field with exactly one address; comments and quoted
 strings are skipped, every `@domain` counts (so `"x" <a@evil> <b@good>` is two), a trailing
@@ -23,6 +25,7 @@ policy.dmarc=DISPOSITION, the reason naming the published policy.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from collections.abc import Callable
@@ -31,15 +34,15 @@ from typing import Any
 
 from publicsuffixlist import PublicSuffixList
 
-from mailward.addresses import author_domains
-from mailward.config import Section
-from mailward.deps import Deps
-from mailward.dns import DnsError, Resolver
-from mailward.transaction import Direction, Stage, Transaction
-from mailward.verdict import Action, AuthResEntry, CheckResult, Reply, Result
+from mailward.core.addresses import author_domains
+from mailward.core.check import Check, Context, Service
+from mailward.core.ini import Section
+from mailward.core.outcomes import DkimOutcome, DmarcOutcome, SpfOutcome
+from mailward.core.transaction import Direction, Stage, Transaction
+from mailward.core.verdict import Action, CheckResult, Reply, Result
+from mailward.services.dns import BoundResolver, DnsError
 
 NAME = "dmarc"
-STAGES = (Stage.EOM,)
 POLICIES = ("none", "quarantine", "reject")
 MAX_WALK_LABELS = 7  # §4.10 step 4: longer names are cut to 7 labels, 8 queries at most
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:\S+")
@@ -149,7 +152,7 @@ class Settings:
 
 # -- discovery and alignment -----------------------------------------------------------------
 
-def _record_at(resolver: Resolver, domain: str) -> Record | None:
+def _record_at(resolver: BoundResolver, domain: str) -> Record | None:
     """The single DMARC record at _dmarc.domain; several are all discarded (§4.10 step 2)."""
     records = [r for r in (parse_record(t.decode("utf-8", "replace"))
                            for t in resolver.txt(f"_dmarc.{domain}")) if r is not None]
@@ -163,7 +166,7 @@ def _next_target(labels: list[str]) -> list[str]:
     return labels[1:]
 
 
-def tree_walk(resolver: Resolver, domain: str, *, include_start: bool = True
+def tree_walk(resolver: BoundResolver, domain: str, *, include_start: bool = True
               ) -> list[tuple[str, Record]]:
     """The records found walking up from `domain` (§4.10), longest name first."""
     labels = domain.split(".")
@@ -206,7 +209,7 @@ class Policy:
 class Discovery:
     """Policy discovery and Organizational Domains for one message, by walk or PSL."""
 
-    def __init__(self, resolver: Resolver, settings: Settings) -> None:
+    def __init__(self, resolver: BoundResolver, settings: Settings) -> None:
         self.resolver = resolver
         self.settings = settings
         self._orgs: dict[str, str] = {}
@@ -255,23 +258,22 @@ def _aligned(identifier: str, author: str, mode: str, org: Callable[[str], str])
 
 # -- the check -------------------------------------------------------------------------------
 
-def _identifiers(tx: Transaction, deps: Deps) -> tuple[list[str], list[str], bool]:
+def _identifiers(ctx: Context) -> tuple[list[str], list[str], bool]:
     """Passing SPF and DKIM domains from the earlier checks, and whether any was temperror."""
-    spf, dkim, temp = [], [], False
-    for r in deps.results:
-        for e in r.authres:
-            props = {p: v for _, p, v in e.properties}
-            if e.method == "spf" and ("mailfrom" in props or
-                                      (not tx.mail_from and "helo" in props)):
-                temp |= e.result is Result.TEMPERROR
-                if e.result is Result.PASS:
-                    ident = props.get("mailfrom", props.get("helo", ""))
-                    spf.append(ident.rpartition("@")[2])
-            elif e.method == "dkim":
-                temp |= e.result is Result.TEMPERROR
-                if e.result is Result.PASS and "d" in props:
-                    dkim.append(props["d"])
-    return spf, dkim, temp
+    spf_domains: list[str] = []
+    dkim_domains: list[str] = []
+    temp = False
+    spf = ctx.outcome(SpfOutcome)
+    identity = spf.dmarc_identity if spf is not None else None
+    if identity is not None:
+        temp |= identity.result is Result.TEMPERROR
+        if identity.result is Result.PASS and identity.domain:
+            spf_domains.append(identity.domain)
+    dkim = ctx.outcome(DkimOutcome)
+    if dkim is not None:
+        temp |= dkim.temperror
+        dkim_domains += dkim.passing_domains
+    return spf_domains, dkim_domains, temp
 
 
 def _disposition(policy: Policy, author: str, discovery: Discovery,
@@ -297,30 +299,31 @@ def _disposition(policy: Policy, author: str, discovery: Discovery,
     return applied, published
 
 
-def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
+def _result(outcome: DmarcOutcome, *, action: Action = Action.ACCEPT,
+            reply: Reply | None = None, reason: str = "") -> CheckResult:
+    return CheckResult(NAME, outcome.result, action=action, reply=reply,
+                       reason=reason or outcome.reason, authres=(outcome.entry(),),
+                       outcome=outcome)
+
+
+def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
     """Evaluate DMARC for `tx` (see the module docstring)."""
-    if tx.direction is not Direction.INBOUND:
-        return CheckResult(NAME, Result.NONE, reason=f"{tx.direction}: not checked")
-    if deps.dns is None:
-        raise RuntimeError("dmarc needs mailward's resolver")
     domains, problem = author_domains(tx)
     if problem:
         multiple = "From fields" in problem or "author addresses" in problem
         action = settings.on_multiple_from if multiple else settings.on_permerror
         reply = settings.multiple_from_reply if multiple else settings.reject_reply
-        entry = AuthResEntry("dmarc", Result.PERMERROR, reason=problem)
-        return CheckResult(NAME, Result.PERMERROR, action=action, reason=problem,
-                           reply=reply if action is Action.REJECT else None, authres=(entry,))
+        return _result(DmarcOutcome(Result.PERMERROR, reason=problem), action=action,
+                       reply=reply if action is Action.REJECT else None)
     author = domains[0]
-    discovery = Discovery(deps.dns, settings)
-    spf, dkim, temp = _identifiers(tx, deps)
+    discovery = Discovery(ctx.dns, settings)
+    spf, dkim, temp = _identifiers(ctx)
     try:
         found = discovery.policy(author)
         policy = found.record.usable() if found else None
         if found is None or policy is None:
             why = "no DMARC policy" if found is None else f"unusable record at {found.domain}"
-            return CheckResult(NAME, Result.NONE, reason=why, authres=(AuthResEntry(
-                "dmarc", Result.NONE, properties=(("header", "from", author),)),))
+            return _result(DmarcOutcome(Result.NONE, author, reason=why))
         found = Policy(found.domain, policy, found.org)
         aligned = [f"dkim:{d}" for d in dkim if _aligned(d, author, policy.adkim,
                                                         discovery.org)]
@@ -328,27 +331,40 @@ def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
                                                        discovery.org)]
         applied, published = _disposition(found, author, discovery, settings)
     except DnsError as exc:
-        entry = AuthResEntry("dmarc", Result.TEMPERROR, properties=(("header", "from", author),))
-        return CheckResult(NAME, Result.TEMPERROR, action=settings.on_temperror,
-                           reply=settings.temperror_reply, reason=str(exc), authres=(entry,))
-    props = (("header", "from", author), ("policy", "dmarc", applied))
+        return _result(DmarcOutcome(Result.TEMPERROR, author, reason=str(exc)),
+                       action=settings.on_temperror, reply=settings.temperror_reply)
+    evaluated = DmarcOutcome(Result.PASS, author, found.domain, published, applied,
+                             tuple(aligned))
     if aligned:
-        return CheckResult(NAME, Result.PASS, reason=f"aligned {', '.join(aligned)}",
-                           authres=(AuthResEntry("dmarc", Result.PASS, properties=props),))
+        return _result(evaluated, reason=f"aligned {', '.join(aligned)}")
     if temp:
-        return CheckResult(NAME, Result.TEMPERROR, action=settings.on_temperror,
-                           reply=settings.temperror_reply,
-                           reason="no aligned pass, and SPF or DKIM had a temperror",
-                           authres=(AuthResEntry("dmarc", Result.TEMPERROR, properties=props),))
-    entry = AuthResEntry("dmarc", Result.FAIL, reason=published, properties=props)
+        return _result(dataclasses.replace(evaluated, result=Result.TEMPERROR),
+                       action=settings.on_temperror, reply=settings.temperror_reply,
+                       reason="no aligned pass, and SPF or DKIM had a temperror")
+    failed = dataclasses.replace(evaluated, result=Result.FAIL)
     reason = f"{author}: {published} at {found.domain}, applied {applied}"
     if applied == "reject":
         action = Action.QUARANTINE if author in settings.never_reject else settings.reject_as
         reply = Reply(settings.reject_reply.code, settings.reject_reply.status,
                       f"{settings.reject_reply.text} {author} ({published})")
-        return CheckResult(NAME, Result.FAIL, action=action, reply=reply, reason=reason,
-                           authres=(entry,))
+        return _result(failed, action=action, reply=reply, reason=reason)
     if applied == "quarantine":
-        return CheckResult(NAME, Result.FAIL, action=Action.QUARANTINE, reason=reason,
-                           authres=(entry,))
-    return CheckResult(NAME, Result.FAIL, reason=reason, authres=(entry,))
+        return _result(failed, action=Action.QUARANTINE, reason=reason)
+    return _result(failed, reason=reason)
+
+
+class Dmarc(Check[Settings]):
+    name = NAME
+    stages = frozenset({Stage.EOM})
+    directions = frozenset({Direction.INBOUND})
+    requires = ("spf", "dkim")  # their outcomes are its inputs
+    uses = frozenset({Service.DNS})
+
+    def load(self, sec: Section) -> Settings:
+        return Settings.load(sec)
+
+    def run(self, tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
+        return check(tx, ctx, settings)
+
+
+CHECK = Dmarc()

@@ -18,17 +18,17 @@ none (no limit applies).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import ipaddress
 from dataclasses import dataclass
 
-from mailward.config import Section
-from mailward.counters import CountersUnavailable
-from mailward.deps import Deps
-from mailward.transaction import Direction, Stage, Transaction, domain_of
-from mailward.verdict import Action, CheckResult, Reply, Result
+from mailward.core.check import Check, Context, Service
+from mailward.core.ini import Section
+from mailward.core.transaction import Direction, Stage, Transaction, domain_of
+from mailward.core.verdict import Action, CheckResult, Reply, Result
+from mailward.services.ratestore import StoreSpec, StoreUnavailable
 
 NAME = "ratelimit"
-STAGES = (Stage.MAIL, Stage.RCPT)
 KINDS = ("user", "domain", "network")
 MEASURES = ("messages", "recipients")
 
@@ -63,11 +63,9 @@ class Settings:
             limits.append(" ".join(words))
         backend = sec.option("backend", cls.backend, ("memory", "redis"))
         if backend == "redis":
-            try:
-                import redis  # noqa: F401
-            except ImportError:
+            if importlib.util.find_spec("redis") is None:
                 raise sec.error("backend", "memory, or redis with the redis package installed "
-                                "(pip install 'mailward[redis]')", backend) from None
+                                "(pip install 'mailward[redis]')", backend)
         return cls(
             backend=backend,
             redis_url=sec.parse("redis_url", cls.redis_url, "a redis:// or unix:// URL",
@@ -109,7 +107,7 @@ def _network(tx: Transaction, settings: Settings) -> str:
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
-def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
+def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
     """Count this message (MAIL) or recipient (RCPT) and judge it."""
     direction = "inbound" if tx.direction is Direction.INBOUND else "outbound"
     measure = "messages" if tx.stage is Stage.MAIL else "recipients"
@@ -119,12 +117,10 @@ def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
             if value and (limit := settings.limit(direction, kind, measure))]
     if not keys:
         return CheckResult(NAME, Result.NONE)
-    if deps.counters is None:
-        raise RuntimeError("ratelimit needs a counter store")
     names = [f"{direction}:{kind}:{measure}:{value}" for kind, value, _ in keys]
     try:
-        counts = deps.counters.add(names, 1, settings.window)
-    except CountersUnavailable as exc:
+        counts = ctx.rates.add(names, 1, settings.window)
+    except StoreUnavailable as exc:
         closed = settings.on_backend_error == "tempfail"
         return CheckResult(NAME, Result.TEMPERROR,
                            action=Action.TEMPFAIL if closed else Action.ACCEPT,
@@ -134,8 +130,28 @@ def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
             if count > limit]
     if over:
         kind, count, limit = over[0]
-        deps.counters.hit(direction=direction, kind=kind, measure=measure)
+        ctx.rates.hit(direction=direction, kind=kind, measure=measure)
         return CheckResult(NAME, Result.FAIL, action=Action.TEMPFAIL, reply=settings.reply,
                            reason=f"{direction} {kind} {measure}: {count} > {limit} per "
                                   f"{settings.window}s")
     return CheckResult(NAME, Result.PASS)
+
+
+class RateLimit(Check[Settings]):
+    name = NAME
+    stages = frozenset({Stage.MAIL, Stage.RCPT})
+    uses = frozenset({Service.RATES})
+
+    def load(self, sec: Section) -> Settings:
+        return Settings.load(sec)
+
+    def run(self, tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
+        return check(tx, ctx, settings)
+
+    def rate_store(self, settings: Settings) -> StoreSpec:
+        if settings.backend == "redis":
+            return StoreSpec("redis", settings.redis_url, settings.timeout)
+        return StoreSpec()
+
+
+CHECK = RateLimit()

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mailward.addresses import author_addresses, normalise_domain
-from mailward.config import Section
-from mailward.deps import Deps
-from mailward.transaction import Direction, Stage, Transaction, domain_of
-from mailward.verdict import Action, CheckResult, Reply, Result
+from mailward.core.addresses import author_addresses, normalise_domain
+from mailward.core.check import Check, Context
+from mailward.core.ini import Section
+from mailward.core.settings import MilterSettings
+from mailward.core.transaction import Direction, Stage, Transaction, domain_of
+from mailward.core.verdict import Action, CheckResult, Reply, Result
 
 NAME = "sender"
-STAGES = (Stage.MAIL, Stage.RCPT, Stage.EOM)
 ACTIONS = (Action.REJECT, Action.ACCEPT, Action.QUARANTINE, Action.TEMPFAIL)
 
 
@@ -107,9 +107,9 @@ def _result(result: Result, action: Action, reply: Reply, reason: str) -> CheckR
                        reply=reply if action in (Action.REJECT, Action.TEMPFAIL) else None)
 
 
-def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
+def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
     """Apply the rule of this stage (see the module docstring)."""
-    ours = deps.site.local_domains
+    ours = ctx.site.local_domains
     if tx.auth_user:
         if tx.stage is Stage.MAIL:
             addresses = [tx.mail_from] if tx.mail_from else []
@@ -143,3 +143,23 @@ def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
                            settings.own_domain_reply,
                            f"unauthenticated use of {', '.join(spoofed)} in From")
     return CheckResult(NAME, Result.NONE)
+
+
+class Sender(Check[Settings]):
+    name = NAME
+    stages = frozenset({Stage.MAIL, Stage.RCPT, Stage.EOM})
+
+    def load(self, sec: Section) -> Settings:
+        return Settings.load(sec)
+
+    def run(self, tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
+        return check(tx, ctx, settings)
+
+    def config_warnings(self, settings: Settings, site: MilterSettings) -> list[str]:
+        if site.local_domains:
+            return []
+        return ["[milter] local_domains is empty: the sender check's relay guard and "
+                "own-domain rule are off"]
+
+
+CHECK = Sender()

@@ -1,8 +1,9 @@
 """spf: may the client IP send for the MAIL FROM domain, and for the HELO name? (RFC 7208)
 
-Evaluated with pyspf, whose DNS goes through mailward's resolver (`dns.install`). Inbound
-mail only: outbound and internal mail from our own users is never judged (result `none`,
-nothing in Authentication-Results).
+Evaluated with pyspf, whose DNS goes through the transaction's resolver (`dns.pyspf_scope`),
+within the message's DNS budget. Inbound mail only: outbound and internal mail from our own
+users is never judged (result `none`, nothing in Authentication-Results). The outcome
+(`SpfOutcome`: each identity, its domain and result) is what DMARC reads.
 
 Results are RFC 7208's words: pass, fail, softfail, neutral, none, temperror (DNS timeout or
 SERVFAIL: never `fail` or `none`), permerror. The HELO identity is checked on its own
@@ -18,13 +19,14 @@ from dataclasses import dataclass
 
 import spf as pyspf
 
-from mailward.config import Section
-from mailward.deps import Deps
-from mailward.transaction import Direction, Stage, Transaction
-from mailward.verdict import Action, AuthResEntry, CheckResult, Reply, Result
+from mailward.core.check import Check, Context, Service
+from mailward.core.ini import Section
+from mailward.core.outcomes import SpfIdentity, SpfOutcome, SpfScope
+from mailward.core.transaction import Direction, Stage, Transaction, domain_of
+from mailward.core.verdict import Action, CheckResult, Reply, Result
+from mailward.services.dns import pyspf_installed, pyspf_scope
 
 NAME = "spf"
-STAGES = (Stage.MAIL, Stage.EOM)
 ACTIONS = (Action.ACCEPT, Action.REJECT, Action.TEMPFAIL, Action.QUARANTINE)
 RESULTS = ("fail", "softfail", "neutral", "none", "permerror", "temperror")
 _HOSTNAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+\.?")
@@ -85,30 +87,34 @@ def evaluate(*, ip: str, sender: str, helo: str, timeout: float) -> tuple[Result
         return Result.PERMERROR, f"unexpected SPF result {word!r}"
 
 
-def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
+def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
     """Evaluate SPF for HELO and MAIL FROM (see the module docstring)."""
-    if tx.direction is not Direction.INBOUND or tx.client_ip is None:
-        return CheckResult(NAME, Result.NONE, reason=f"{tx.direction}: not checked")
+    if tx.client_ip is None:
+        return CheckResult(NAME, Result.NONE, reason="no client address", outcome=SpfOutcome())
     if tx.stage is Stage.MAIL and not settings.refuses():
         return CheckResult(NAME, Result.NONE, reason="evaluated at end of message")
-    if deps.dns is None or pyspf.DNSLookup != deps.dns.spf_lookup:
+    if not pyspf_installed():
         # never let pyspf fall back to its own, unbounded and uncounted, DNS
-        raise RuntimeError("pyspf is not bound to mailward's resolver (Resolver.install)")
+        raise RuntimeError("pyspf's lookup is not mailward's (services/dns.install_pyspf)")
     mapped = getattr(tx.client_ip, "ipv4_mapped", None)
     ip = str(mapped or tx.client_ip)
-    entries = []
-    helo_result = None
-    if (settings.check_helo or not tx.mail_from) and _HOSTNAME.fullmatch(tx.helo):
-        helo_result, helo_why = evaluate(ip=ip, sender=f"postmaster@{tx.helo}", helo=tx.helo,
-                                         timeout=settings.timeout)
-        entries.append(AuthResEntry("spf", helo_result, properties=(("smtp", "helo", tx.helo),)))
-    if tx.mail_from:
-        result, why = evaluate(ip=ip, sender=tx.mail_from, helo=tx.helo,
-                               timeout=settings.timeout)
-        entries.append(AuthResEntry("spf", result,
-                                    properties=(("smtp", "mailfrom", tx.mail_from),)))
-    elif helo_result is not None:
-        result, why = helo_result, helo_why
+    identities = []
+    with pyspf_scope(ctx.dns):
+        if (settings.check_helo or not tx.mail_from) and _HOSTNAME.fullmatch(tx.helo):
+            timeout = min(settings.timeout, ctx.dns.budget.remaining())
+            result, why = evaluate(ip=ip, sender=f"postmaster@{tx.helo}", helo=tx.helo,
+                                   timeout=timeout)
+            identities.append(SpfIdentity(SpfScope.HELO, tx.helo, tx.helo.rstrip(".").lower(),
+                                          result, why))
+        if tx.mail_from:
+            timeout = min(settings.timeout, ctx.dns.budget.remaining())
+            result, why = evaluate(ip=ip, sender=tx.mail_from, helo=tx.helo, timeout=timeout)
+            identities.append(SpfIdentity(SpfScope.MAILFROM, tx.mail_from,
+                                          domain_of(tx.mail_from), result, why))
+    outcome = SpfOutcome(tuple(identities))
+    chosen = outcome.dmarc_identity  # MAIL FROM, or HELO for the null sender (§2.4)
+    if chosen is not None:
+        result, why = chosen.result, chosen.reason
     else:
         result, why = Result.NONE, "null sender and no usable HELO name"
     action = settings.action(result)
@@ -121,4 +127,20 @@ def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
         if action is Action.REJECT and reply.temporary:
             reply = settings.fail_reply
     return CheckResult(NAME, result, action=action, reply=reply, reason=why,
-                       authres=tuple(entries))
+                       authres=outcome.entries(), outcome=outcome)
+
+
+class Spf(Check[Settings]):
+    name = NAME
+    stages = frozenset({Stage.MAIL, Stage.EOM})
+    directions = frozenset({Direction.INBOUND})
+    uses = frozenset({Service.DNS})
+
+    def load(self, sec: Section) -> Settings:
+        return Settings.load(sec)
+
+    def run(self, tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
+        return check(tx, ctx, settings)
+
+
+CHECK = Spf()

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailward.config import IPNetwork, Section
-from mailward.deps import Deps
-from mailward.nets import in_networks
-from mailward.transaction import Direction, Stage, Transaction, domain_of
-from mailward.verdict import Action, AuthResEntry, CheckResult, Reply, Result
+from mailward.core.check import Check, Context
+from mailward.core.ini import IPNetwork, Section
+from mailward.core.nets import in_networks
+from mailward.core.transaction import Direction, Stage, Transaction, domain_of
+from mailward.core.verdict import Action, AuthResEntry, CheckResult, Reply, Result
 
 NAME = "tls"
-STAGES = (Stage.MAIL, Stage.RCPT, Stage.EOM)
 
 # Versions as Postfix and Sendmail name them in {tls_version}, oldest first.
 VERSIONS = ("SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
@@ -84,7 +83,7 @@ def _required(tx: Transaction, settings: Settings, recipients: tuple[str, ...]) 
     return any(domain_of(r) in settings.require_domains for r in recipients)
 
 
-def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
+def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
     """Judge the TLS session of `tx` (see the module docstring for stages and results)."""
     good = tx.tls is not None and _rank(tx.tls.version) >= _rank(settings.min_version)
     if tx.stage is Stage.MAIL:
@@ -120,3 +119,17 @@ def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
         action, reply = settings.version_action, settings.version_reply
     return CheckResult(NAME, result, action=action, reply=reply,
                        reason=f"{reason} (TLS required)", authres=(entry,))
+
+
+class Tls(Check[Settings]):
+    name = NAME
+    stages = frozenset({Stage.MAIL, Stage.RCPT, Stage.EOM})
+
+    def load(self, sec: Section) -> Settings:
+        return Settings.load(sec)
+
+    def run(self, tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
+        return check(tx, ctx, settings)
+
+
+CHECK = Tls()

@@ -18,14 +18,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mailward.config import Section
-from mailward.deps import Deps
-from mailward.nets import PRIVATE_NETWORKS, in_networks, parse_ip
-from mailward.transaction import Direction, Header, Stage, Transaction
-from mailward.verdict import ChangeHeader, CheckResult, DeleteHeader, HeaderEdit, Result
+from mailward.core.check import Check, Context
+from mailward.core.ini import Section
+from mailward.core.nets import PRIVATE_NETWORKS, in_networks, parse_ip
+from mailward.core.transaction import Direction, Header, Stage, Transaction
+from mailward.core.verdict import ChangeHeader, CheckResult, DeleteHeader, HeaderEdit, Result
 
 NAME = "trace"
-STAGES = (Stage.EOM,)
 
 # Candidate IP literals: IPv4 dotted quads and anything IPv6-shaped (validated by parse_ip).
 _IP_RE = re.compile(r"(?:IPv6:)?[0-9A-Fa-f:]*:[0-9A-Fa-f:.]+|\b\d{1,3}(?:\.\d{1,3}){3}\b")
@@ -55,9 +54,9 @@ def _internal_host(name: str, internal_hosts: tuple[str, ...]) -> bool:
     return any(name == h or name.endswith("." + h) for h in internal_hosts)
 
 
-def _sanitise(header: Header, settings: Settings, deps: Deps) -> str | None:
+def _sanitise(header: Header, settings: Settings, ctx: Context) -> str | None:
     """The rewritten value if `header` leaks something internal, else None."""
-    networks = deps.site.trusted_networks + PRIVATE_NETWORKS
+    networks = ctx.site.trusted_networks + PRIVATE_NETWORKS
     leaked = False
 
     def ip(m: re.Match[str]) -> str:
@@ -79,17 +78,15 @@ def _sanitise(header: Header, settings: Settings, deps: Deps) -> str | None:
     return value if leaked else None
 
 
-def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
+def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
     """Sanitise trace fields of outbound mail (see the module docstring)."""
-    if tx.direction is not Direction.OUTBOUND:
-        return CheckResult(NAME, Result.NONE)
     strip = {h.lower() for h in settings.strip_headers}
     edits: list[HeaderEdit] = []
     for h in tx.headers:
         if h.name.lower() in strip:
             edits.append(DeleteHeader(h.name, h.index))
         elif h.name.lower() == "received":
-            rewritten = _sanitise(h, settings, deps)
+            rewritten = _sanitise(h, settings, ctx)
             if rewritten is None:
                 continue
             if settings.action == "rewrite":
@@ -101,3 +98,18 @@ def check(tx: Transaction, deps: Deps, settings: Settings) -> CheckResult:
     deleted = sum(isinstance(e, DeleteHeader) for e in edits)
     return CheckResult(NAME, Result.PASS, edits=tuple(edits),
                        reason=f"deleted {deleted}, rewrote {len(edits) - deleted} field(s)")
+
+
+class Trace(Check[Settings]):
+    name = NAME
+    stages = frozenset({Stage.EOM})
+    directions = frozenset({Direction.OUTBOUND})
+
+    def load(self, sec: Section) -> Settings:
+        return Settings.load(sec)
+
+    def run(self, tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
+        return check(tx, ctx, settings)
+
+
+CHECK = Trace()

@@ -1,0 +1,136 @@
+"""The core sections of the configuration: [milter], [metrics] and [policy]'s replies.
+
+Each is a frozen dataclass with a `load(section)` that reads and validates its keys. Check
+settings live with their checks; [dns] lives with the resolver (services/dns.py).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from mailward.core.ini import DOMAIN_RE, IPNetwork, Section
+from mailward.core.verdict import Action, Reply
+
+
+class Mode(enum.StrEnum):
+    """enforce: act on results. monitor: accept, but log and tag what would have happened."""
+
+    ENFORCE = "enforce"
+    MONITOR = "monitor"
+
+
+ERROR_ACTIONS = (Action.TEMPFAIL, Action.ACCEPT, Action.REJECT)
+
+
+# -- sockets ---------------------------------------------------------------------------------
+
+def parse_socket(spec: str) -> str:
+    """Validate a libmilter socket spec: `inet:PORT@HOST`, `inet6:PORT@HOST`, `unix:/path`."""
+    kind, sep, rest = spec.partition(":")
+    if not sep:
+        raise ValueError(spec)
+    if kind in ("unix", "local"):
+        if not rest.startswith("/") or "\0" in rest:
+            raise ValueError(spec)
+        return spec
+    if kind not in ("inet", "inet6"):
+        raise ValueError(spec)
+    port, at, host = rest.partition("@")
+    if not at or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(spec)
+    if kind == "inet6":
+        ipaddress.IPv6Address(host)
+    else:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            if not DOMAIN_RE.fullmatch(host):
+                raise
+    return spec
+
+
+def parse_listen(spec: str) -> tuple[str, int] | None:
+    """`HOST:PORT` or `[V6]:PORT`; empty disables."""
+    if not spec:
+        return None
+    host, sep, port = spec.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(spec)
+    ipaddress.ip_address(host)
+    return host, int(port)
+
+
+# -- sections ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MilterSettings:
+    """[milter]: how we talk to the MTA and what we consider ours."""
+
+    socket: str = "inet:8895@127.0.0.1"
+    timeout: float = 60.0
+    authserv_id: str = ""
+    mode: Mode = Mode.ENFORCE
+    trusted_networks: tuple[IPNetwork, ...] = ()
+    originating_daemons: tuple[str, ...] = ("ORIGINATING",)
+    local_domains: tuple[str, ...] = ()
+    spool_threshold: int = 1024 * 1024
+    log_level: str = "info"
+
+    @classmethod
+    def load(cls, sec: Section) -> MilterSettings:
+        # getfqdn() may ask DNS: only when the key is not set
+        authserv_id = (sec.parse("authserv_id", "", "a host name", _hostname)
+                       or socket.getfqdn().lower())
+        return cls(
+            socket=sec.parse("socket", cls.socket,
+                             "inet:PORT@HOST, inet6:PORT@ADDRESS or unix:/absolute/path",
+                             parse_socket),
+            timeout=sec.seconds("timeout", cls.timeout, maximum=3600),
+            authserv_id=authserv_id,
+            mode=sec.choice("mode", Mode, Mode.ENFORCE),
+            trusted_networks=sec.networks("trusted_networks", ("127.0.0.0/8", "::1/128")),
+            originating_daemons=sec.words("originating_daemons", cls.originating_daemons),
+            local_domains=sec.domains("local_domains"),
+            spool_threshold=sec.size("spool_threshold", cls.spool_threshold),
+            log_level=sec.parse("log_level", "info", "one of debug, info, warning, error",
+                                _log_level),
+        )
+
+
+def _hostname(raw: str) -> str:
+    if not DOMAIN_RE.fullmatch(raw):
+        raise ValueError(raw)
+    return raw.rstrip(".").lower()
+
+
+def _log_level(raw: str) -> str:
+    if raw.lower() not in ("debug", "info", "warning", "error"):
+        raise ValueError(raw)
+    return raw.lower()
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """[metrics]: where the Prometheus endpoint listens (loopback unless configured)."""
+
+    listen: tuple[str, int] | None = ("127.0.0.1", 9895)
+
+    @classmethod
+    def load(cls, sec: Section) -> MetricsSettings:
+        return cls(listen=sec.parse("listen", cls.listen,
+                                    "HOST:PORT with an IP address (empty disables)", parse_listen))
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """[policy]: the chain and the replies used when a check does not name its own."""
+
+    checks: tuple[str, ...] = ()
+    on_error: Action = Action.TEMPFAIL
+    error_reply: Reply = Reply(451, "4.7.0", "Temporary failure in message checks, try again later")
+    reject_reply: Reply = Reply(550, "5.7.1", "Message refused by policy")
+    tempfail_reply: Reply = Reply(451, "4.7.1", "Try again later")

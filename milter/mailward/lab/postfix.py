@@ -1,0 +1,447 @@
+"""A throwaway private Postfix with mailward attached, for the demo, tests and benchmarks.
+
+Everything lives under one directory: Postfix's own config, queue and data directories, its
+log (`maillog_file`), a TLS certificate made with `openssl`, mailward's config and a capture
+sink that plays the next hop. Every server listens on 127.0.0.1 only. Needs root and Debian's
+`postfix` package; nothing of the system's own Postfix is touched.
+"""
+
+from __future__ import annotations
+
+import configparser
+import contextlib
+import json
+import os
+import shutil
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mailward.lab.dns import Nameserver
+from mailward.scan import parse_message
+
+SINK_NAME = "sink.lab.test"
+
+# mailward's config in the lab; {port}, {metrics_port} and {dns_port} are filled in by
+# MailwardProcess. Mail from 127.0.0.1 counts as coming from the Internet (trusted_networks
+# is elsewhere), and DNS is the lab's own server (labdns), never the system's.
+LAB_CONFIG = """\
+[milter]
+socket = inet:{port}@127.0.0.1
+authserv_id = mx.lab.test
+trusted_networks = 192.0.2.0/24
+
+[check.sender]
+# the lab relays inbound test mail to every domain on purpose
+relay_guard = no
+
+[dns]
+nameservers = 127.0.0.1:{dns_port}
+timeout = 1
+lifetime = 2
+
+[metrics]
+listen = 127.0.0.1:{metrics_port}
+"""
+
+
+def merge_ini(base: str, extra: str) -> str:
+    """`base` with the sections and keys of `extra` merged in (keys of `extra` win)."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string(base)
+    parser.read_string(extra)
+    out = []
+    for section in parser.sections():
+        out.append(f"[{section}]")
+        out += [f"{k} = " + v.replace("\n", "\n    ") for k, v in parser[section].items()]
+    return "\n".join(out) + "\n"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on 127.0.0.1:{port}") from None
+            time.sleep(0.05)
+
+
+def missing_tools() -> list[str]:
+    """Debian packages the lab needs that are not installed."""
+    needed = {"postfix": "postfix", "postqueue": "postfix", "openssl": "openssl"}
+    return sorted({pkg for tool, pkg in needed.items()
+                   if not shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin")})
+
+
+# -- the capture sink ------------------------------------------------------------------------
+
+@dataclass
+class Captured:
+    """One message as the next hop received it."""
+
+    mail_from: str
+    rcpts: list[str]
+    data: bytes
+
+    def headers(self) -> list[tuple[str, str]]:
+        return parse_message(self.data)[0]
+
+
+class _SinkHandler(socketserver.StreamRequestHandler):
+    server: CaptureSink
+
+    def reply(self, line: str) -> None:
+        self.wfile.write(line.encode() + b"\r\n")
+        self.wfile.flush()
+
+    def handle(self) -> None:
+        self.reply(f"220 {SINK_NAME} ESMTP capture sink")
+        mail_from, rcpts = "", list[str]()
+        while line := self.rfile.readline(65536):
+            verb = line[:4].upper()
+            arg = line[5:].strip().decode("utf-8", "replace")
+            if verb == b"EHLO":
+                self.reply(f"250-{SINK_NAME}\r\n250-8BITMIME\r\n250 SMTPUTF8")
+            elif verb == b"HELO":
+                self.reply(f"250 {SINK_NAME}")
+            elif verb == b"MAIL":
+                mail_from, rcpts = arg.partition(":")[2].split(" ")[0].strip("<>"), []
+                self.reply("250 2.1.0 Ok")
+            elif verb == b"RCPT":
+                rcpts.append(arg.partition(":")[2].split(" ")[0].strip("<>"))
+                self.reply("250 2.1.5 Ok")
+            elif verb == b"DATA":
+                self.reply("354 End data with <CR><LF>.<CR><LF>")
+                chunks = []
+                while (chunk := self.rfile.readline()) not in (b".\r\n", b""):
+                    chunks.append(chunk[1:] if chunk.startswith(b".") else chunk)
+                self.server.store(Captured(mail_from, rcpts, b"".join(chunks)))
+                self.reply("250 2.0.0 Ok: captured")
+            elif verb == b"RSET":
+                mail_from, rcpts = "", []
+                self.reply("250 2.0.0 Ok")
+            elif verb == b"QUIT":
+                self.reply("221 2.0.0 Bye")
+                return
+            else:
+                self.reply("250 2.0.0 Ok" if verb == b"NOOP" else "502 5.5.2 Not implemented")
+
+
+class CaptureSink(socketserver.ThreadingTCPServer):
+    """An SMTP server on 127.0.0.1 that keeps every message it is given."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _SinkHandler)
+        self.messages: list[Captured] = []
+        self._cond = threading.Condition()
+        self.port = int(self.server_address[1])
+        threading.Thread(target=self.serve_forever, name="sink", daemon=True).start()
+
+    def store(self, message: Captured) -> None:
+        with self._cond:
+            self.messages.append(message)
+            self._cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[Captured], bool], timeout: float = 30) -> Captured:
+        """The first captured message matching `predicate`, waiting up to `timeout`."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for m in self.messages:
+                    if predicate(m):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("no matching message reached the sink")
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+# -- the private Postfix ---------------------------------------------------------------------
+
+MASTER_CF = """\
+127.0.0.1:{smtp_port} inet n - n - - smtpd
+127.0.0.1:{submission_port} inet n - n - - smtpd
+  -o syslog_name=postfix/submission{submission_milter}
+  -o milter_macro_daemon_name=ORIGINATING
+  -o cleanup_service_name=subcleanup
+subcleanup unix n - n - 0 cleanup
+  -o header_checks=regexp:{etc}/submission_header_checks
+pickup    unix  n - n 60 1 pickup
+cleanup   unix  n - n -  0 cleanup
+qmgr      unix  n - n 300 1 qmgr
+tlsmgr    unix  - - n 1000? 1 tlsmgr
+rewrite   unix  - - n -  - trivial-rewrite
+bounce    unix  - - n -  0 bounce
+defer     unix  - - n -  0 bounce
+trace     unix  - - n -  0 bounce
+verify    unix  - - n -  1 verify
+flush     unix  n - n 1000? 0 flush
+proxymap  unix  - - n -  - proxymap
+proxywrite unix - - n -  1 proxymap
+smtp      unix  - - n -  - smtp
+relay     unix  - - n -  - smtp
+showq     unix  n - n -  - showq
+error     unix  - - n -  - error
+retry     unix  - - n -  - error
+discard   unix  - - n -  - discard
+anvil     unix  - - n -  1 anvil
+scache    unix  - - n -  1 scache
+postlog   unix-dgram n - n - 1 postlogd
+"""
+
+
+@dataclass
+class PostfixLab:
+    """A private Postfix under `root` relaying everything to a capture sink.
+
+    Port `smtp_port` is an MX-like service (mail from 127.0.0.1 counts as inbound in the lab's
+    mailward config); `submission_port` sets `{daemon_name}` ORIGINATING, the convention for
+    submission, so mail there is outbound; its own Received field is dropped by a
+    `header_checks` rule in a separate cleanup service. `message_drop_headers` is emptied so
+    that Bcc reaches the milter, as it does with Sendmail.
+    """
+
+    root: Path
+    milter_socket: str  # Postfix syntax, e.g. inet:127.0.0.1:8895
+    sink_port: int
+    main_extra: dict[str, str] = field(default_factory=dict)
+    submission_milter: str = ""  # another milter for the submission service only
+    smtp_port: int = field(default_factory=free_port)
+    submission_port: int = field(default_factory=free_port)
+
+    @property
+    def etc(self) -> Path:
+        return self.root / "etc"
+
+    @property
+    def maillog(self) -> Path:
+        return self.root / "log" / "maillog"
+
+    def _make_cert(self) -> None:
+        tls = self.root / "tls"
+        tls.mkdir(exist_ok=True)
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", "/CN=mx.lab.test", "-keyout", str(tls / "key.pem"),
+             "-out", str(tls / "cert.pem")],
+            check=True, capture_output=True)
+
+    def write_config(self) -> None:
+        r = self.root
+        for d in ("etc", "queue", "data", "log"):
+            (r / d).mkdir(parents=True, exist_ok=True)
+        os.chmod(r, 0o755)  # noqa: S103 - Postfix (user postfix) must reach it
+        shutil.chown(r / "queue", "root")
+        shutil.chown(r / "data", "postfix")
+        self._make_cert()
+        main = {
+            "compatibility_level": "3.6",
+            "queue_directory": str(r / "queue"),
+            "data_directory": str(r / "data"),
+            "meta_directory": "/etc/postfix",
+            "mail_owner": "postfix",
+            "setgid_group": "postdrop",
+            "myhostname": "mx.lab.test",
+            "mydomain": "lab.test",
+            "mydestination": "",
+            "local_recipient_maps": "",
+            "alias_maps": "",
+            "alias_database": "",
+            "inet_interfaces": "127.0.0.1",
+            "inet_protocols": "ipv4",
+            "mynetworks": "127.0.0.0/8",
+            "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+            "relayhost": f"[127.0.0.1]:{self.sink_port}",
+            "smtp_tls_security_level": "none",
+            "smtpd_tls_security_level": "may",
+            "smtpd_tls_cert_file": str(r / "tls" / "cert.pem"),
+            "smtpd_tls_key_file": str(r / "tls" / "key.pem"),
+            "smtpd_milters": self.milter_socket,
+            "non_smtpd_milters": self.milter_socket,
+            "milter_default_action": "tempfail",
+            "milter_protocol": "6",
+            "milter_connect_timeout": "5s",
+            "milter_command_timeout": "30s",
+            "milter_content_timeout": "120s",
+            "message_drop_headers": "",
+            "message_size_limit": str(100 * 1024 * 1024),
+            "maillog_file": str(self.maillog),
+            "maillog_file_prefixes": str(r),
+            "biff": "no",
+            "delay_warning_time": "0",
+            "smtpd_banner": "$myhostname ESMTP lab",
+            # the lab's own client may claim a SASL login with XCLIENT LOGIN= (tests)
+            "smtpd_authorized_xclient_hosts": "127.0.0.1",
+        }
+        main.update(self.main_extra)
+        (self.etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in main.items()))
+        (self.etc / "master.cf").write_text(MASTER_CF.format(
+            smtp_port=self.smtp_port, submission_port=self.submission_port, etc=self.etc,
+            submission_milter=(f"\n  -o smtpd_milters={self.submission_milter}"
+                               if self.submission_milter else "")))
+        # The submission hop's own Received field (never shown to milters) is dropped by its
+        # cleanup. In production match "with ESMTPSA" (authenticated); the lab has no SASL.
+        (self.etc / "submission_header_checks").write_text(
+            r"/^Received: .*by mx\.lab\.test \(Postfix\) with E?SMTPS?A? / IGNORE" + "\n")
+
+    def postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["postfix", "-c", str(self.etc), *args], capture_output=True,
+                              text=True, check=False)
+
+    def start(self) -> None:
+        self.write_config()
+        self.postfix("set-permissions")
+        done = self.postfix("start")
+        if done.returncode != 0:
+            tail = "\n".join(self.log_text().splitlines()[-5:])
+            raise RuntimeError(f"postfix start failed: {done.stderr.strip()}\n{tail}")
+        wait_for_port(self.smtp_port)
+        wait_for_port(self.submission_port)
+
+    def stop(self) -> None:
+        self.postfix("stop")
+        # master waits for its children; give it a moment so the next lab can reuse names
+        pid_file = self.root / "queue" / "pid" / "master.pid"
+        deadline = time.monotonic() + 10
+        while pid_file.exists() and time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pid_file.read_text().split()[0]), 0)
+                time.sleep(0.1)
+                continue
+            break
+
+    def queue(self) -> list[dict[str, object]]:
+        """Postfix's queue as `postqueue -j` reports it (queue_name: hold, deferred, …)."""
+        out = subprocess.run(["postqueue", "-c", str(self.etc), "-j"], capture_output=True,
+                             text=True, check=True).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def held(self) -> list[dict[str, object]]:
+        return [q for q in self.queue() if q.get("queue_name") == "hold"]
+
+    def log_text(self) -> str:
+        return self.maillog.read_text(errors="replace") if self.maillog.exists() else ""
+
+
+# -- mailward as a subprocess ----------------------------------------------------------------
+
+@dataclass
+class MailwardProcess:
+    """`mailward run` as a child process with a config written for the lab."""
+
+    config_text: str
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    dns_port: int = 53
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def postfix_socket(self) -> str:
+        return f"inet:127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "mailward.log"
+
+    def config_path(self) -> Path:
+        return self.workdir / "mailward.ini"
+
+    def write(self, text: str | None = None) -> None:
+        if text is not None:
+            self.config_text = text
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path().write_text(self.config_text.format(
+            port=self.port, metrics_port=self.metrics_port, dns_port=self.dns_port))
+
+    def start(self) -> None:
+        self.write()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mailward", "run", "-c", str(self.config_path())],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_for_port(self.port)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError("mailward did not start:\n" + self.log()) from None
+
+    def stop(self, timeout: float = 15) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        rc = self.proc.returncode
+        self.proc = None
+        return rc
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class Lab:
+    """Everything `running_lab` started."""
+
+    postfix: PostfixLab
+    mailward: MailwardProcess
+    sink: CaptureSink
+    dns: Nameserver
+
+
+@contextlib.contextmanager
+def running_lab(config_text: str, *, root: Path | None = None, zone: str = "",
+                main_extra: dict[str, str] | None = None,
+                submission_milter: str = "") -> Iterator[Lab]:
+    """Start a DNS server (serving `zone`), sink, mailward and Postfix; stop all on exit."""
+    owned = root is None
+    root = root or Path(tempfile.mkdtemp(prefix="mailward-lab-"))
+    os.chmod(root, 0o755)  # noqa: S103 - Postfix (user postfix) must reach it
+    ns = Nameserver()
+    if zone:
+        ns.load_zone(zone)
+    sink = CaptureSink()
+    mw = MailwardProcess(config_text, root / "mailward", dns_port=ns.port)
+    lab = PostfixLab(root / "postfix", mw.postfix_socket, sink.port, main_extra or {},
+                     submission_milter)
+    try:
+        mw.start()
+        lab.start()
+        yield Lab(lab, mw, sink, ns)
+    finally:
+        lab.stop()
+        mw.stop()
+        sink.close()
+        ns.close()
+        if owned:
+            shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,304 @@
+"""The one DNS layer: a dnspython resolver, a TTL-respecting cache, adapters for pyspf/dkimpy.
+
+Every SPF, DKIM and DMARC lookup goes through `Resolver.query`, so each is bounded (per-try
+`timeout`, per-lookup `lifetime`), cached (positive answers for their TTL, NXDOMAIN and NODATA
+for the SOA minimum, RFC 2308 §5, both capped by `max_ttl`), counted
+(`mailward_dns_queries_total{rtype,outcome}`) and timed (`mailward_dns_duration_seconds`).
+A timeout or SERVFAIL raises `DnsTimeout` / `DnsServFail` (checks map them to `temperror`,
+never to `fail` or `none`); these are not cached, so the next message asks again.
+
+Checks get a `BoundResolver`: the one shared resolver plus the message's `Budget`, the DNS time
+all lookups of one message may take together (`[dns] budget`); when it runs out, lookups raise
+`DnsTimeout` at once and the check reports temperror.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import contextvars
+import ipaddress
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import dns.exception
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+import spf
+
+from mailward.core.ini import Section
+from mailward.errors import MailwardError
+
+
+class DnsError(MailwardError):
+    """A lookup could not be answered; the result is temporary (temperror)."""
+
+
+class DnsTimeout(DnsError, TimeoutError):
+    """No answer within the configured lifetime."""
+
+
+class DnsServFail(DnsError):
+    """The servers answered SERVFAIL/REFUSED, or an unusable response."""
+
+
+def parse_nameserver(word: str) -> tuple[str, int]:
+    """`192.0.2.1`, `192.0.2.1:5353`, `2001:db8::1` or `[2001:db8::1]:5353`."""
+    if word.startswith("["):
+        host, _, port = word[1:].partition("]")
+        port = port.removeprefix(":") or "53"
+    elif word.count(":") == 1:
+        host, port = word.split(":")
+    else:
+        host, port = word, "53"
+    ipaddress.ip_address(host)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(word)
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    """[dns]: the one resolver every check uses."""
+
+    nameservers: tuple[tuple[str, int], ...] = ()  # empty: those of /etc/resolv.conf
+    timeout: float = 2.0  # per try
+    lifetime: float = 5.0  # per lookup, retries included
+    cache_size: int = 10000
+    max_ttl: int = 86400
+    negative_ttl: int = 300  # NXDOMAIN/NODATA without an SOA to say otherwise
+    # All lookups of one message together (SPF, DKIM keys, the DMARC walk): kept well inside
+    # Postfix's milter_command_timeout (30 s) and milter_content_timeout (300 s).
+    budget: float = 20.0
+
+    @classmethod
+    def load(cls, sec: Section) -> DnsSettings:
+        servers = []
+        for word in sec.words("nameservers", ()):
+            try:
+                servers.append(parse_nameserver(word))
+            except ValueError:
+                raise sec.error("nameservers", "IP addresses, each with an optional :PORT "
+                                "([v6]:PORT)", word) from None
+        timeout = sec.seconds("timeout", cls.timeout, maximum=60)
+        lifetime = sec.seconds("lifetime", cls.lifetime, maximum=300)
+        if lifetime < timeout:
+            raise sec.error("lifetime", f"at least timeout ({timeout:g})", str(lifetime))
+        budget = sec.seconds("budget", cls.budget, maximum=280)
+        if budget < lifetime:
+            raise sec.error("budget", f"at least lifetime ({lifetime:g})", str(budget))
+        return cls(
+            nameservers=tuple(servers), timeout=timeout, lifetime=lifetime, budget=budget,
+            cache_size=sec.integer("cache_size", cls.cache_size, maximum=10_000_000),
+            max_ttl=sec.integer("max_ttl", cls.max_ttl, minimum=1, maximum=7 * 86400),
+            negative_ttl=sec.integer("negative_ttl", cls.negative_ttl, maximum=86400),
+        )
+
+
+Rdata = Any  # dnspython rdata objects (TXT: .strings, A/AAAA: .address, MX: .exchange, …)
+
+
+class Resolver:
+    """Thread-safe caching resolver shared by every check."""
+
+    def __init__(self, settings: DnsSettings, *, metrics: Any = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self._metrics = metrics
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cache: collections.OrderedDict[tuple[str, int], tuple[float, tuple[Rdata, ...]]]
+        self._cache = collections.OrderedDict()
+        if settings.nameservers:
+            r = dns.resolver.Resolver(configure=False)
+            r.nameservers = [dns.nameserver.Do53Nameserver(ip, port)
+                             for ip, port in settings.nameservers]
+        else:
+            r = dns.resolver.Resolver(configure=True)
+        r.timeout = settings.timeout
+        r.lifetime = settings.lifetime
+        r.cache = None  # ours, below, is the one cache
+        self._resolver = r
+
+    # -- the one entry point --------------------------------------------------------------
+
+    def query(self, name: str, rtype: str, *, budget: Budget | None = None
+              ) -> tuple[Rdata, ...]:
+        """The records of `rtype` at `name`; `()` for NXDOMAIN or no such records.
+
+        With a `budget`, the lookup may take no longer than what is left of it (and is
+        charged for its time); an exhausted budget raises `DnsTimeout` without asking.
+        """
+        key = (name.lower().rstrip("."), dns.rdatatype.from_text(rtype))
+        now = self._clock()
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] > now:
+                self._cache.move_to_end(key)
+                self._count(rtype, "cached", 0.0)
+                return hit[1]
+        lifetime = self.settings.lifetime
+        if budget is not None:
+            lifetime = min(lifetime, budget.remaining())
+            if lifetime <= 0:
+                self._count(rtype, "budget", 0.0)
+                raise DnsTimeout(f"DNS time budget of {budget.total:g}s for this message "
+                                 f"used up before {name} {rtype}")
+        start = time.perf_counter()
+        try:
+            answer = self._resolver.resolve(key[0] + ".", key[1], search=False,
+                                            raise_on_no_answer=False, lifetime=lifetime)
+        except dns.resolver.NXDOMAIN as exc:
+            responses = exc.responses()  # type: ignore[no-untyped-call]
+            self._store(key, (), self._negative_ttl(responses.values()), now)
+            self._count(rtype, "nxdomain", time.perf_counter() - start)
+            return ()
+        except dns.exception.Timeout:
+            self._count(rtype, "timeout", time.perf_counter() - start)
+            raise DnsTimeout(f"DNS timeout: {name} {rtype}") from None
+        except (dns.resolver.NoNameservers, dns.exception.DNSException) as exc:
+            self._count(rtype, "servfail", time.perf_counter() - start)
+            raise DnsServFail(f"DNS failure: {name} {rtype}: {type(exc).__name__}") from None
+        finally:
+            if budget is not None:
+                budget.charge(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        if answer.rrset is None:
+            self._store(key, (), self._negative_ttl([answer.response]), now)
+            self._count(rtype, "nodata", elapsed)
+            return ()
+        records = tuple(answer.rrset)
+        self._store(key, records, answer.rrset.ttl, now)
+        self._count(rtype, "ok", elapsed)
+        return records
+
+    def txt(self, name: str, *, budget: Budget | None = None) -> tuple[bytes, ...]:
+        """Each TXT record at `name`, its strings joined (RFC 7208 §3.3, RFC 6376 §3.6.2.2)."""
+        return tuple(b"".join(r.strings) for r in self.query(name, "TXT", budget=budget))
+
+    def bind(self, budget: Budget) -> BoundResolver:
+        """This resolver as one transaction sees it: every lookup charged to `budget`."""
+        return BoundResolver(self, budget)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _negative_ttl(self, responses: Any) -> int:
+        for response in responses:
+            for rrset in getattr(response, "authority", ()):
+                if rrset.rdtype == dns.rdatatype.SOA:
+                    return int(min(rrset.ttl, rrset[0].minimum))
+        return self.settings.negative_ttl
+
+    def _store(self, key: tuple[str, int], records: tuple[Rdata, ...], ttl: int,
+               now: float) -> None:
+        if self.settings.cache_size <= 0 or ttl <= 0:
+            return
+        with self._lock:
+            self._cache[key] = (now + min(ttl, self.settings.max_ttl), records)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.settings.cache_size:
+                self._cache.popitem(last=False)
+
+    def _count(self, rtype: str, outcome: str, seconds: float) -> None:
+        if self._metrics is not None:
+            self._metrics.dns_queries.labels(rtype=rtype, outcome=outcome).inc()
+            if outcome != "cached":
+                self._metrics.dns_duration.labels(rtype=rtype).observe(seconds)
+
+
+class Budget:
+    """The DNS time one message may spend, all its lookups together (SPF, DKIM, DMARC).
+
+    Cached answers cost nothing. One transaction is served by one thread at a time, so the
+    account needs no lock.
+    """
+
+    def __init__(self, total: float, *, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.total = total
+        self.spent = 0.0
+        self._clock = clock
+
+    def remaining(self) -> float:
+        return self.total - self.spent
+
+    def charge(self, seconds: float) -> None:
+        self.spent += max(seconds, 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class BoundResolver:
+    """The shared resolver with one message's budget: what checks are given."""
+
+    resolver: Resolver
+    budget: Budget
+
+    def query(self, name: str, rtype: str) -> tuple[Rdata, ...]:
+        return self.resolver.query(name, rtype, budget=self.budget)
+
+    def txt(self, name: str) -> tuple[bytes, ...]:
+        return self.resolver.txt(name, budget=self.budget)
+
+    def dkim_txt(self, name: bytes | str, timeout: object = None) -> bytes | None:
+        """dkimpy's `dnsfunc`: the first TXT record at `name`, or None. Raises DnsError."""
+        text = name.decode("ascii", "replace") if isinstance(name, bytes) else name
+        records = self.txt(text)
+        return records[0] if records else None
+
+    def spf_lookup(self, name: str, qtype: str) -> list[tuple[tuple[str, str], Any]]:
+        """pyspf's lookup result shape (see `pyspf_lookup`), through this resolver."""
+        try:
+            records = self.query(name, qtype)
+        except DnsError as exc:
+            raise spf.TempError(str(exc)) from None
+        out: list[tuple[tuple[str, str], Any]] = []
+        for r in records:
+            if qtype in ("A", "AAAA"):
+                out.append(((name, qtype), r.address))
+            elif qtype == "MX":
+                out.append(((name, qtype), (r.preference, r.exchange)))
+            elif qtype == "PTR":
+                out.append(((name, qtype), r.target.to_text(True)))
+            elif qtype in ("TXT", "SPF"):
+                out.append(((name, qtype), r.strings))
+        return out
+
+
+# -- pyspf ------------------------------------------------------------------------------------
+# pyspf resolves through one module global, `spf.DNSLookup`. It is set once, to `pyspf_lookup`,
+# which finds the resolver of the transaction being evaluated in a context variable (each
+# milter thread has its own context): no swapping of the global per connection or per reload.
+
+_PYSPF_RESOLVER: contextvars.ContextVar[BoundResolver] = contextvars.ContextVar("pyspf")
+
+
+def pyspf_lookup(name: str, qtype: str, strict: object = True, timeout: object = None
+                 ) -> list[tuple[tuple[str, str], Any]]:
+    """`spf.DNSLookup`: a lookup through the current transaction's resolver, never another."""
+    bound = _PYSPF_RESOLVER.get(None)
+    if bound is None:
+        raise spf.TempError("no mailward resolver bound for this SPF evaluation")
+    return bound.spf_lookup(name, qtype)
+
+
+def install_pyspf() -> None:
+    """Point pyspf's global lookup at `pyspf_lookup` (idempotent; done when services are
+    built, before milter threads start: STYLE.md §6)."""
+    spf.DNSLookup = pyspf_lookup
+
+
+def pyspf_installed() -> bool:
+    return spf.DNSLookup is pyspf_lookup
+
+
+@contextlib.contextmanager
+def pyspf_scope(bound: BoundResolver) -> Iterator[None]:
+    """Let pyspf's lookups in this block use `bound`."""
+    token = _PYSPF_RESOLVER.set(bound)
+    try:
+        yield
+    finally:
+        _PYSPF_RESOLVER.reset(token)

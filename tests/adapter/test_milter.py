@@ -1,0 +1,182 @@
+"""The adapter, driven through pymilter's own test context (no socket, real callbacks)."""
+
+from __future__ import annotations
+
+import io
+import socket
+from typing import Any
+
+import Milter
+import pytest
+from Milter import testctx
+
+from mailward.adapter import milter as adapter
+from mailward.adapter.milter import MailwardMilter
+from mailward.core.config import Config
+from mailward.core.snapshot import build
+from mailward.services.metrics import Metrics
+from tests.conftest import make_config
+
+CONFIG = """
+[milter]
+authserv_id = mx.example.com
+trusted_networks = 10.0.0.0/8
+spool_threshold = 4K
+[check.tls]
+require_domains = secure.example
+"""
+
+
+class Runtime:
+    def __init__(self, config: Config) -> None:
+        self.metrics = Metrics()
+        self.snapshot = build(config, metrics=self.metrics)
+
+
+class RecordingCtx(testctx.TestCtx):  # type: ignore[misc]
+    """TestCtx that records header operations by index and quarantine, as the MTA sees them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[Any, ...]] = []
+        self.quarantined: str | None = None
+
+    def _negotiate(self) -> int:
+        # TestCtx takes NOREPLY for a refusal and detaches; offer no NR_* bits, as an MTA
+        # without them would (Postfix offers them; the callbacks then return NOREPLY).
+        nr = (Milter.P_NR_CONN | Milter.P_NR_HELO | Milter.P_NR_MAIL | Milter.P_NR_RCPT
+              | Milter.P_NR_DATA | Milter.P_NR_UNKN | Milter.P_NR_EOH | Milter.P_NR_BODY
+              | Milter.P_NR_HDR)
+        testctx.TestCtx.default_opts = [Milter.CURR_ACTS, 0x1FFFFF & ~nr, 0, 0]
+        return int(super()._negotiate())
+
+    def addheader(self, field: str, value: str, idx: int) -> None:
+        self.ops.append(("add", field, value, idx))
+
+    def chgheader(self, field: str, idx: int, value: str) -> None:
+        self.ops.append(("chg", field, idx, value))
+
+    def quarantine(self, reason: str) -> None:
+        self.quarantined = reason
+
+
+def session(config: str = CONFIG, runtime_cls: type = MailwardMilter
+            ) -> tuple[RecordingCtx, Runtime]:
+    runtime = Runtime(make_config(config))
+    Milter.factory = lambda: runtime_cls(runtime)
+    ctx = RecordingCtx()
+    return ctx, runtime
+
+
+def feed(ctx: RecordingCtx, message: bytes, *, ip: str = "203.0.113.5", tls: str = "",
+         rcpts: tuple[str, ...] = ("bob@example.net",)) -> int:
+    ctx._setsymval("{daemon_name}", "smtpd")
+    assert ctx._connect(host="client.example", helo="client.example", ip=ip) == Milter.CONTINUE
+    if tls:
+        ctx._setsymval("{tls_version}", tls)
+        ctx._setsymval("{cipher}", "TLS_AES_128_GCM_SHA256")
+    ctx._setsymval("i", "ABC123")
+    rc: int = ctx._feedFile(io.BytesIO(message), "alice@example.org", *rcpts)
+    return rc
+
+
+MESSAGE = (b"From: alice@example.org\nTo: bob@example.net\nBcc: secret@example.org\n"
+           b"Authentication-Results: mx.example.com; spf=pass\nSubject: hi\n\nbody\n")
+
+
+def test_edits_are_applied_by_index_with_leading_space() -> None:
+    ctx, runtime = session()
+    assert feed(ctx, MESSAGE, tls="TLSv1.3") == Milter.ACCEPT
+    assert ctx.ops == [
+        ("chg", "Authentication-Results", 1, ""),
+        ("chg", "Bcc", 1, ""),
+        ("add", "Authentication-Results",
+         " mx.example.com;\n\tx-tls=pass smtp.version=TLSv1.3 "
+         "smtp.cipher=TLS_AES_128_GCM_SHA256", 0),
+    ]
+    text = runtime.metrics.registry.get_sample_value
+    assert text("mailward_messages_total", {"verdict": "accept"}) == 1
+    assert text("mailward_check_results_total", {"check": "bcc", "result": "pass"}) == 1
+
+
+def test_recipient_refused_before_data() -> None:
+    ctx, runtime = session()
+    rc = feed(ctx, MESSAGE, rcpts=("carol@secure.example",))
+    assert rc == Milter.REJECT
+    assert ctx._reply == ("530", "5.7.0", "Must issue a STARTTLS command first")
+    assert runtime.metrics.registry.get_sample_value(
+        "mailward_recipients_rejected_total", {"check": "tls"}) == 1
+
+
+def test_quarantine_with_reason() -> None:
+    ctx, _ = session(CONFIG + "min_version = TLSv1.3\nversion_action = quarantine\n")
+    assert feed(ctx, MESSAGE, tls="TLSv1.2", rcpts=("carol@secure.example",)) == Milter.ACCEPT
+    assert ctx.quarantined == "tls: TLSv1.2 is older than TLSv1.3 (TLS required)"
+
+
+def test_percent_in_reply_is_escaped_for_libmilter() -> None:
+    ctx, _ = session(CONFIG + "reply = 530 5.7.0 100% TLS please\n")
+    assert feed(ctx, MESSAGE, rcpts=("carol@secure.example",)) == Milter.REJECT
+    assert ctx._reply == ("530", "5.7.0", "100%% TLS please")
+
+
+class Broken(MailwardMilter):
+    def _observe(self, *args: object) -> None:
+        raise RuntimeError("bug in the adapter")
+
+
+def test_unexpected_error_tempfails_and_is_counted() -> None:
+    ctx, runtime = session(runtime_cls=Broken)
+    assert feed(ctx, MESSAGE) == Milter.TEMPFAIL
+    assert ctx._reply == ("451", "4.7.0", "Temporary failure in message checks, try again later")
+    assert runtime.metrics.registry.get_sample_value(
+        "mailward_errors_total", {"stage": "mail"}) == 1
+
+
+def test_big_and_odd_messages_get_a_verdict() -> None:
+    ctx, _ = session()
+    many = b"".join(b"X-Filler-%d: %d\n" % (i, i) for i in range(1000))
+    long_line = b"X-Long: " + b"a" * 100_000 + b"\n"
+    odd = b"X-Latin1: caf\xe9 \xff\xfe\nX-Nul: a\x00b\n"
+    body = b"line\n" * 200_000  # 1 MB, spooled past the 4K threshold
+    msg = b"Subject: no From at all\n" + many + long_line + odd + b"Bcc: x@y\n\n" + body
+    assert feed(ctx, msg) == Milter.ACCEPT
+    assert ("chg", "Bcc", 1, "") in ctx.ops
+
+
+def test_body_is_spooled_to_disk_past_threshold() -> None:
+    seen: dict[str, object] = {}
+
+    class Spy(MailwardMilter):
+        def eom(self) -> int:
+            seen["on_disk"] = self.spool.on_disk if self.spool else None
+            seen["size"] = self.spool.size if self.spool else None
+            return int(super().eom())
+
+    ctx, _ = session(runtime_cls=Spy)
+    assert feed(ctx, MESSAGE.replace(b"body\n", b"x" * 10_000 + b"\n")) == Milter.ACCEPT
+    assert seen == {"on_disk": True, "size": 10_001}
+
+
+@pytest.mark.parametrize("tls", ["", "TLSv1.3"])
+def test_connection_gauge_returns_to_zero(tls: str) -> None:
+    ctx, runtime = session()
+    feed(ctx, MESSAGE, tls=tls)
+    ctx._close()
+    assert runtime.metrics.registry.get_sample_value("mailward_connections_active") == 0
+
+
+def test_nodelay_is_set_on_listening_tcp_sockets() -> None:
+    with socket.socket() as listener, socket.socket() as idle:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        assert adapter._nodelay_listeners() >= 1
+        assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert idle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0  # not listening
+        # and a connection accepted afterwards inherits it (Linux)
+        with socket.create_connection(listener.getsockname()) as client:
+            conn, _ = listener.accept()
+            with conn:
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            client.close()

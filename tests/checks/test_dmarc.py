@@ -1,0 +1,229 @@
+"""DMARC (RFC 9989) against a real loopback DNS server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailward.core import pipeline
+from mailward.core.check import Context
+from mailward.core.outcomes import DkimOutcome, DkimSignature, SpfIdentity, SpfOutcome, SpfScope
+from mailward.core.transaction import Direction
+from mailward.core.verdict import Action, CheckResult, Result
+from mailward.lab.dns import Nameserver
+from mailward.services.dns import Budget, DnsSettings, Resolver
+from mailward.services.ratestore import MemoryStore
+from tests.conftest import make_config, make_tx
+
+VECTORS = Path(__file__).resolve().parents[1] / "data" / "dmarc"  # from shared/vectors/opendmarc
+
+ZONE = """
+_dmarc.example.com.        TXT "v=DMARC1; p=reject; sp=quarantine; np=reject"
+example.com.               A   192.0.2.1
+mail.example.com.          A   192.0.2.2
+_dmarc.quarantine.example. TXT "v=DMARC1; p=quarantine"
+_dmarc.none.example.       TXT "v=DMARC1; p=none"
+_dmarc.test.example.       TXT "v=DMARC1; p=reject; t=y"
+_dmarc.strict.example.     TXT "v=DMARC1; p=reject; adkim=s; aspf=s"
+sub.strict.example.        A   192.0.2.3
+_dmarc.two.example.        TXT "v=DMARC1; p=reject"
+_dmarc.two.example.        TXT "v=DMARC1; p=none"
+_dmarc.garbage.example.    TXT "v=DMARC1; p=reject; foo=bar; adkim=zz; ;;; =x; pct=abc"
+_dmarc.notfirst.example.   TXT "p=reject; v=DMARC1"
+_dmarc.pct0.example.       TXT "v=DMARC1; p=reject; pct=0"
+_dmarc.example.co.uk.      TXT "v=DMARC1; p=reject"
+_dmarc.mail.example.co.uk. TXT "v=DMARC1; p=quarantine; psd=n"
+_dmarc.psd.example.        TXT "v=DMARC1; p=reject; sp=quarantine; psd=y"
+b.psd.example.             A   192.0.2.4
+a.b.psd.example.           A   192.0.2.5
+_dmarc.xn--bcher-kva.example. TXT "v=DMARC1; p=reject"
+"""
+
+
+@pytest.fixture
+def resolver(nameserver: Nameserver) -> Resolver:
+    nameserver.load_zone(ZONE)
+    nameserver.drop.add("_dmarc.timeout.example")
+    return Resolver(DnsSettings(nameservers=(("127.0.0.1", nameserver.port),), timeout=0.2,
+                                lifetime=0.4))
+
+
+def evaluate(resolver: Resolver, from_: str | list[str], *, spf: str = "", dkim: str = "",
+             spf_result: Result = Result.PASS, dkim_result: Result = Result.PASS,
+             config: str = "", **tx: Any) -> CheckResult:
+    results = []
+    if spf:
+        identity = SpfIdentity(SpfScope.MAILFROM, spf, spf.rpartition("@")[2], spf_result)
+        results.append(CheckResult("spf", spf_result, outcome=SpfOutcome((identity,))))
+    if dkim:
+        signature = DkimSignature(dkim_result, domain=dkim, selector="s1")
+        results.append(CheckResult("dkim", dkim_result, outcome=DkimOutcome((signature,))))
+    froms = [from_] if isinstance(from_, str) else from_
+    cfg = make_config("[policy]\nchecks = spf, dkim, dmarc\n" + config)
+    link = next(li for li in cfg.chain if li.name == "dmarc")
+    t = make_tx(headers=[("From", " " + f) for f in froms], mail_from=spf, **tx)
+    ctx = Context(site=cfg.milter, dns=resolver.bind(Budget(30)), rates=MemoryStore(),
+                  results=tuple(results))
+    return pipeline.run_link(link, t, ctx)
+
+
+def props(r: CheckResult) -> dict[str, str]:
+    return {p: v for _, p, v in r.authres[0].properties}
+
+
+@pytest.mark.parametrize(("from_", "spf", "dkim", "result"), [
+    ("a@example.com", "", "example.com", Result.PASS),
+    ("a@example.com", "", "mail.example.com", Result.PASS),  # relaxed
+    ("a@mail.example.com", "", "example.com", Result.PASS),
+    ("a@example.com", "b@bounce.example.com", "", Result.PASS),  # SPF relaxed
+    ("a@example.com", "b@example.net", "example.net", Result.FAIL),
+    ("a@strict.example", "", "sub.strict.example", Result.FAIL),  # adkim=s
+    ("a@strict.example", "x@sub.strict.example", "", Result.FAIL),  # aspf=s
+    ("a@strict.example", "", "strict.example", Result.PASS),
+    ("a@nopolicy.example", "", "", Result.NONE),
+    ("a@two.example", "", "", Result.NONE),  # two records: both discarded
+    ("a@notfirst.example", "", "", Result.NONE),  # v= not first
+])
+def test_alignment(resolver: Resolver, from_: str, spf: str, dkim: str, result: Result) -> None:
+    r = evaluate(resolver, from_, spf=spf, dkim=dkim)
+    assert r.result is result, r.reason
+    assert r.authres[0].method == "dmarc" and r.authres[0].result is result
+
+
+def test_failing_or_non_passing_identifiers_do_not_align(resolver: Resolver) -> None:
+    r = evaluate(resolver, "a@example.com", spf="b@example.com", dkim="example.com",
+                 spf_result=Result.SOFTFAIL, dkim_result=Result.POLICY)
+    assert r.result is Result.FAIL
+
+
+@pytest.mark.parametrize(("from_", "action", "applied", "published"), [
+    ("a@example.com", Action.REJECT, "reject", "p=reject"),
+    ("a@mail.example.com", Action.QUARANTINE, "quarantine", "sp=quarantine"),  # exists
+    ("a@nx.example.com", Action.REJECT, "reject", "np=reject"),  # does not exist
+    ("a@quarantine.example", Action.QUARANTINE, "quarantine", "p=quarantine"),
+    ("a@none.example", Action.ACCEPT, "none", "p=none"),
+    ("a@test.example", Action.QUARANTINE, "quarantine", "p=reject t=y"),  # one level less
+    ("a@pct0.example", Action.REJECT, "reject", "p=reject pct=0"),  # pct ignored
+    ("a@garbage.example", Action.REJECT, "reject", "p=reject"),  # bad tags ignored
+])
+def test_policy_selection(resolver: Resolver, from_: str, action: Action, applied: str,
+                          published: str) -> None:
+    r = evaluate(resolver, from_, spf="x@example.net")
+    assert (r.result, r.action) == (Result.FAIL, action), r.reason
+    assert props(r) == {"from": from_.split("@")[1], "dmarc": applied}
+    assert r.authres[0].reason == published
+    if action is Action.REJECT:
+        assert str(r.reply) == (f"550 5.7.1 Rejected by the DMARC policy of the sender domain "
+                                f"{from_.split('@')[1]} ({published})")
+
+
+def test_local_overrides(resolver: Resolver) -> None:
+    r = evaluate(resolver, "a@pct0.example", config="[check.dmarc]\nhonour_pct = yes\n")
+    assert r.action is Action.QUARANTINE  # pct=0: every message gets one level less
+    r = evaluate(resolver, "a@example.com", config="[check.dmarc]\nnever_reject = example.com\n")
+    assert r.action is Action.QUARANTINE
+    r = evaluate(resolver, "a@example.com", config="[check.dmarc]\nreject_as = quarantine\n")
+    assert r.action is Action.QUARANTINE
+
+
+def test_temperror(resolver: Resolver) -> None:
+    r = evaluate(resolver, "a@timeout.example")
+    assert (r.result, r.action, str(r.reply)) == (
+        Result.TEMPERROR, Action.TEMPFAIL, "451 4.7.5 DMARC policy lookup failed, try again later")
+    r = evaluate(resolver, "a@example.com", spf="b@example.com", spf_result=Result.TEMPERROR)
+    assert r.result is Result.TEMPERROR  # no aligned pass, and a retry might give one
+    r = evaluate(resolver, "a@timeout.example", config="[check.dmarc]\non_temperror = accept\n")
+    assert r.action is Action.ACCEPT
+
+
+@pytest.mark.parametrize(("froms", "result", "action"), [
+    (["a@example.com", "b@example.com"], Result.PERMERROR, Action.REJECT),  # two fields
+    (["a@example.com, b@evil.example"], Result.PERMERROR, Action.REJECT),
+    (['"Boss" <x@evil.example> <y@example.com>'], Result.PERMERROR, Action.REJECT),
+    (["Undisclosed:;"], Result.PERMERROR, Action.ACCEPT),
+    (["not an address"], Result.PERMERROR, Action.ACCEPT),
+    (["a@[192.0.2.1]"], Result.PERMERROR, Action.ACCEPT),
+])
+def test_author_problems(resolver: Resolver, froms: list[str], result: Result,
+                         action: Action) -> None:
+    r = evaluate(resolver, froms, dkim="example.com")
+    assert (r.result, r.action) == (result, action), r.reason
+
+
+def test_no_from(resolver: Resolver) -> None:
+    r = evaluate(resolver, [], dkim="example.com")
+    assert (r.result, r.reason) == (Result.PERMERROR, "no From field")
+
+
+@pytest.mark.parametrize(("value", "domain"), [
+    ("(comment) a@EXAMPLE.com (another)", "example.com"),
+    ('"a@evil.example" <a@example.com>', "example.com"),  # quoted display name
+    ("Group: a@example.com;", "example.com"),
+    ("a@example.com.", "example.com"),
+    ("Bücher <info@bücher.example>", "xn--bcher-kva.example"),
+])
+def test_author_domain_forms(resolver: Resolver, value: str, domain: str) -> None:
+    r = evaluate(resolver, value)
+    assert props(r)["from"] == domain, r.reason
+
+
+def test_tree_walk_is_bounded_and_follows_the_rfc(resolver: Resolver,
+                                                  nameserver: Nameserver) -> None:
+    author = "a.b.c.d.e.f.g.h.i.j.mail.example.com"
+    evaluate(resolver, f"x@{author}", dkim=author)
+    asked = [q for q, t, _ in nameserver.queries if q.startswith("_dmarc.") and t == "TXT"]
+    assert asked[:8] == [f"_dmarc.{d}." for d in (
+        author, "g.h.i.j.mail.example.com", "h.i.j.mail.example.com", "i.j.mail.example.com",
+        "j.mail.example.com", "mail.example.com", "example.com", "com")]
+    assert len(asked) == 8  # the identifier is the author: no second walk
+
+
+def test_org_domain_by_tree_walk_versus_psl(resolver: Resolver) -> None:
+    # mail.example.co.uk says psd=n: it is its own Organizational Domain by the tree walk,
+    # so example.co.uk does not align with it; the PSL method says both are example.co.uk.
+    walk = evaluate(resolver, "a@x.mail.example.co.uk", dkim="example.co.uk")
+    assert (walk.result, walk.action) == (Result.FAIL, Action.QUARANTINE)
+    psl = evaluate(resolver, "a@x.mail.example.co.uk", dkim="example.co.uk",
+                   config="[check.dmarc]\norg_domain = psl\n")
+    assert psl.result is Result.PASS
+    deep = evaluate(resolver, "a@a.b.mail.example.co.uk", dkim="mail.example.co.uk")
+    assert deep.result is Result.PASS
+
+
+def test_psd_yes(resolver: Resolver) -> None:
+    # psd.example is a public suffix domain: b.psd.example is the Organizational Domain
+    r = evaluate(resolver, "x@a.b.psd.example", dkim="b.psd.example")
+    assert r.result is Result.PASS
+    r = evaluate(resolver, "x@a.b.psd.example", dkim="other.psd.example")
+    assert (r.result, r.action) == (Result.FAIL, Action.QUARANTINE)  # the PSD's sp=
+
+
+def test_outbound_is_never_judged(resolver: Resolver, nameserver: Nameserver) -> None:
+    r = evaluate(resolver, "a@example.com", auth_user="alice", direction=Direction.OUTBOUND)
+    assert (r.result, r.authres) == (Result.NONE, ())
+    assert nameserver.queries == []
+
+
+def test_warm_cache(resolver: Resolver, nameserver: Nameserver) -> None:
+    evaluate(resolver, "a@mail.example.com", dkim="example.com")
+    before = len(nameserver.queries)
+    for _ in range(5):
+        evaluate(resolver, "a@mail.example.com", dkim="example.com")
+    assert len(nameserver.queries) == before
+
+
+def _vectors() -> list[Any]:
+    data = json.loads((VECTORS / "dmarc_parse_vectors.json").read_text())
+    return [pytest.param(v, id=f"opendmarc-{v['n']}") for v in data["vectors"]]
+
+
+@pytest.mark.parametrize("vector", _vectors())
+def test_opendmarc_record_vectors(resolver: Resolver, nameserver: Nameserver,
+                                  vector: dict[str, Any]) -> None:
+    record = vector["record"].replace('"', '\\"')
+    nameserver.load_zone(f'_dmarc.vector.example. TXT "{record}"\n')
+    r = evaluate(resolver, "a@vector.example")  # unauthenticated
+    assert str(r.result) in [vector["rfc_dmarc"], *vector["rfc_accept"]], r.reason

@@ -1,0 +1,216 @@
+"""The DNS layer against a real DNS server on loopback."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import spf
+
+from mailward.lab.dns import Nameserver
+from mailward.services.dns import (
+    Budget,
+    DnsError,
+    DnsServFail,
+    DnsSettings,
+    DnsTimeout,
+    Resolver,
+    pyspf_lookup,
+)
+from mailward.services.metrics import Metrics
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(ns: Nameserver, **kw: object) -> tuple[Resolver, Metrics, Clock]:
+    settings = DnsSettings(nameservers=(("127.0.0.1", ns.port),),
+                           timeout=float(kw.pop("timeout", 0.3)),  # type: ignore[arg-type]
+                           lifetime=float(kw.pop("lifetime", 0.6)),  # type: ignore[arg-type]
+                           **kw)  # type: ignore[arg-type]
+    metrics, clock = Metrics(), Clock()
+    return Resolver(settings, metrics=metrics, clock=clock), metrics, clock
+
+
+def count(metrics: Metrics, rtype: str, outcome: str) -> float:
+    return metrics.registry.get_sample_value(
+        "mailward_dns_queries_total", {"rtype": rtype, "outcome": outcome}) or 0.0
+
+
+def test_answers_and_joined_txt_strings(nameserver: Nameserver) -> None:
+    nameserver.add("example.com", "TXT", '"v=spf1 " "ip4:192.0.2.0/24 -all"', '"other"')
+    nameserver.add("example.com", "A", "192.0.2.1")
+    nameserver.add("example.com", "MX", "10 mx.example.com.")
+    r, _, _ = make(nameserver)
+    assert sorted(r.txt("example.com")) == [b"other", b"v=spf1 ip4:192.0.2.0/24 -all"]
+    assert [a.address for a in r.query("EXAMPLE.com.", "A")] == ["192.0.2.1"]
+    assert r.bind(Budget(30)).spf_lookup("example.com", "MX")[0][1][0] == 10
+
+
+def test_positive_answers_are_cached_for_their_ttl(nameserver: Nameserver) -> None:
+    nameserver.add("cached.example", "TXT", '"x"', ttl=60)
+    r, metrics, clock = make(nameserver)
+    for _ in range(5):
+        assert r.txt("cached.example") == (b"x",)
+    assert nameserver.count("cached.example", "TXT") == 1
+    assert count(metrics, "TXT", "ok") == 1 and count(metrics, "TXT", "cached") == 4
+    clock.now += 61
+    r.txt("cached.example")
+    assert nameserver.count("cached.example", "TXT") == 2
+
+
+def test_negative_answers_are_cached_for_the_soa_minimum(nameserver: Nameserver) -> None:
+    nameserver.add("exists.example", "A", "192.0.2.1")
+    r, metrics, clock = make(nameserver)
+    assert r.txt("nope.example") == ()
+    assert r.txt("exists.example") == ()  # NODATA
+    assert r.txt("nope.example") == () and r.txt("exists.example") == ()
+    assert nameserver.count("nope.example") == 1 and nameserver.count("exists.example") == 1
+    assert count(metrics, "TXT", "nxdomain") == 1 and count(metrics, "TXT", "nodata") == 1
+    clock.now += nameserver.negative_ttl + 1
+    r.txt("nope.example")
+    assert nameserver.count("nope.example") == 2
+
+
+def test_timeout_is_an_error_within_the_lifetime_and_not_cached(nameserver: Nameserver) -> None:
+    nameserver.drop.add("slow.example")
+    r, metrics, _ = make(nameserver, timeout=0.2, lifetime=0.5)
+    start = time.monotonic()
+    with pytest.raises(DnsTimeout):
+        r.txt("slow.example")
+    assert time.monotonic() - start < 1.5
+    with pytest.raises(TimeoutError):  # DnsTimeout is a TimeoutError too
+        r.txt("slow.example")
+    assert count(metrics, "TXT", "timeout") == 2
+
+
+def test_servfail(nameserver: Nameserver) -> None:
+    nameserver.servfail.add("broken.example")
+    r, metrics, _ = make(nameserver)
+    with pytest.raises(DnsServFail):
+        r.query("broken.example", "TXT")
+    assert count(metrics, "TXT", "servfail") == 1
+
+
+def test_truncated_udp_answers_are_retried_over_tcp(nameserver: Nameserver) -> None:
+    big = " ".join(f'"{"k" * 200}{i}"' for i in range(6))
+    nameserver.add("big.example", "TXT", big)
+    r, _, _ = make(nameserver)
+    (record,) = r.txt("big.example")
+    assert len(record) > 1200
+    transports = {t for q, _, t in nameserver.queries if q == "big.example."}
+    assert transports == {"udp", "tcp"}
+
+
+def test_cache_is_bounded(nameserver: Nameserver) -> None:
+    for i in range(5):
+        nameserver.add(f"n{i}.example", "TXT", f'"{i}"')
+    r, _, _ = make(nameserver, cache_size=3)
+    for i in range(5):
+        r.txt(f"n{i}.example")
+    r.txt("n0.example")  # evicted: asked again
+    assert nameserver.count("n0.example") == 2
+    r.txt("n4.example")  # still cached
+    assert nameserver.count("n4.example") == 1
+
+
+def test_max_ttl_caps_long_ttls(nameserver: Nameserver) -> None:
+    nameserver.add("long.example", "TXT", '"x"', ttl=999999)
+    r, _, clock = make(nameserver, max_ttl=100)
+    r.txt("long.example")
+    clock.now += 101
+    r.txt("long.example")
+    assert nameserver.count("long.example") == 2
+
+
+def test_spf_adapter_shape_and_temp_errors(nameserver: Nameserver) -> None:
+    nameserver.add("spf.example", "TXT", '"v=spf1 " "-all"')
+    nameserver.add("spf.example", "A", "192.0.2.7")
+    nameserver.drop.add("dropped.example")
+    r, _, _ = make(nameserver, timeout=0.2, lifetime=0.4)
+    bound = r.bind(Budget(30))
+    assert bound.spf_lookup("spf.example", "TXT") == [(("spf.example", "TXT"),
+                                                      (b"v=spf1 ", b"-all"))]
+    assert bound.spf_lookup("spf.example", "A") == [(("spf.example", "A"), "192.0.2.7")]
+    with pytest.raises(spf.TempError):
+        r.bind(Budget(30)).spf_lookup("dropped.example", "TXT")
+
+
+def test_dkim_adapter(nameserver: Nameserver) -> None:
+    nameserver.add("sel._domainkey.example.com", "TXT", '"v=DKIM1; k=rsa; " "p=ABC"')
+    r, _, _ = make(nameserver)
+    assert r.bind(Budget(30)).dkim_txt(b"sel._domainkey.example.com.") == b"v=DKIM1; k=rsa; p=ABC"
+    assert r.bind(Budget(30)).dkim_txt(b"none._domainkey.example.com.") is None
+
+
+def test_threads_share_one_cache(nameserver: Nameserver) -> None:
+    nameserver.add("shared.example", "TXT", '"x"')
+    r, _, _ = make(nameserver)
+    r.txt("shared.example")
+    results: list[tuple[bytes, ...]] = []
+    threads = [threading.Thread(target=lambda: results.append(r.txt("shared.example")))
+               for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [(b"x",)] * 20 and nameserver.count("shared.example") == 1
+
+
+def test_garbage_answers_are_temporary_errors(nameserver: Nameserver) -> None:
+    nameserver.garbage.add("junk.example")
+    r, metrics, _ = make(nameserver, timeout=0.2, lifetime=0.5)
+    start = time.monotonic()
+    with pytest.raises(DnsError):
+        r.txt("junk.example")
+    assert time.monotonic() - start < 1.5
+    assert count(metrics, "TXT", "servfail") + count(metrics, "TXT", "timeout") == 1
+
+
+def test_oversized_answers_arrive_over_tcp(nameserver: Nameserver) -> None:
+    for i in range(150):
+        nameserver.add("huge.example", "TXT", f'"{i:03d}{"x" * 250}"')
+    r, _, _ = make(nameserver)
+    records = r.txt("huge.example")
+    assert len(records) == 150 and sum(map(len, records)) > 37_000
+
+
+def test_a_message_budget_bounds_all_its_lookups_together(nameserver: Nameserver) -> None:
+    """Each lookup answers within its lifetime, but together they outrun the budget."""
+    for i in range(6):
+        nameserver.add(f"n{i}.example", "TXT", '"x"')
+    nameserver.delay = 0.3
+    r, metrics, _ = make(nameserver, timeout=1.0, lifetime=1.0)
+    bound = r.bind(Budget(1.0))
+    answered = 0
+    start = time.perf_counter()
+    with pytest.raises(DnsTimeout, match=r"budget|timeout"):
+        for i in range(6):
+            bound.txt(f"n{i}.example")
+            answered += 1
+    assert answered == 3  # 3 x 0.3 s fit in 1 s; the 4th gets 0.1 s and times out
+    with pytest.raises(DnsTimeout, match=r"budget of 1s for this message used up"):
+        bound.txt("n5.example")  # nothing left: not even asked
+    assert nameserver.count("n5.example") == 0
+    assert count(metrics, "TXT", "budget") == 1
+    assert time.perf_counter() - start < 1.6
+    # cached answers cost nothing: a fresh budget of a few ms still gets them
+    assert r.bind(Budget(0.001)).txt("n0.example") == (b"x",)
+
+
+def test_without_a_budget_the_lifetime_alone_bounds_a_lookup(nameserver: Nameserver) -> None:
+    nameserver.add("slow.example", "TXT", '"x"')
+    nameserver.delay = 0.3
+    r, _, _ = make(nameserver, timeout=1.0, lifetime=1.0)
+    assert r.txt("slow.example") == (b"x",)
+
+
+def test_pyspf_outside_a_transaction_never_uses_another_resolver() -> None:
+    with pytest.raises(spf.TempError, match="no mailward resolver bound"):
+        pyspf_lookup("example.com", "TXT")

@@ -1,0 +1,123 @@
+"""The command line: scan (human and JSON), check-config, --version."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dkim as dkimpy
+import pytest
+
+from mailward import __version__
+from mailward.cli import main
+from mailward.lab.dns import Nameserver
+from mailward.scan import parse_message
+from tests.checks.test_dkim import publish, rsa_key
+
+MESSAGE = (b"From: a@example.org\r\nTo: b@example.net\r\nBcc: hidden@example.org\r\n"
+           b"Authentication-Results: mx.example.com; spf=pass\r\n"
+           b"Subject:  two spaces\r\nX-Fold: one\r\n\ttwo\r\n\r\nbody\r\n")
+CONFIG = ("[milter]\nauthserv_id = mx.example.com\n"
+          "[dns]\nnameservers = 127.0.0.1:{port}\ntimeout = 0.5\nlifetime = 1\n"
+          "[check.tls]\nrequire_domains = secure.example\n")
+
+
+@pytest.fixture
+def files(tmp_path: Path, nameserver: Nameserver) -> tuple[Path, Path]:
+    nameserver.add("example.org", "TXT", '"v=spf1 ip4:203.0.113.0/24 -all"')
+    (tmp_path / "m.eml").write_bytes(MESSAGE)
+    (tmp_path / "c.ini").write_text(CONFIG.format(port=nameserver.port))
+    return tmp_path / "m.eml", tmp_path / "c.ini"
+
+
+def test_scan_json(files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    eml, ini = files
+    rc = main(["scan", str(eml), "-c", str(ini), "--client-ip", "203.0.113.5",
+               "--mail-from", "a@example.org", "--rcpt", "b@example.net",
+               "--tls-version", "TLSv1.3", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert data["direction"] == "inbound"
+    final = data["final"]
+    assert final["action"] == "accept"
+    assert {r["check"]: r["result"] for r in final["results"]} == {
+        "tls": "pass", "sender": "none", "spf": "pass", "dkim": "none", "dmarc": "none",
+        "bcc": "pass", "trace": "none", "dkim_sign": "none", "authres": "pass"}
+    assert final["header_edits"] == [
+        {"op": "delete", "name": "Authentication-Results", "index": 1},
+        {"op": "delete", "name": "Bcc", "index": 1},
+        {"op": "insert", "name": "Authentication-Results",
+         "value": "mx.example.com;\n\tx-tls=pass smtp.version=TLSv1.3;\n"
+                  "\tspf=pass smtp.mailfrom=a@example.org;\n\tdkim=none;\n"
+                  "\tdmarc=none header.from=example.org"},
+    ]
+
+
+def test_scan_spf_fail_refused_at_mail_from(files: tuple[Path, Path],
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    eml, ini = files
+    ini.write_text(ini.read_text() + "[check.spf]\non_fail = reject\n")
+    rc = main(["scan", str(eml), "-c", str(ini), "--client-ip", "198.51.100.9",
+               "--helo", "client.example.net", "--mail-from", "a@example.org"])
+    out = capsys.readouterr().out
+    assert rc == 2
+    assert "MAIL FROM: reject  550 5.7.23 SPF validation failed  (by spf)" in out
+
+
+def test_scan_human_refused_before_data(files: tuple[Path, Path],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    eml, ini = files
+    rc = main(["scan", str(eml), "-c", str(ini), "--client-ip", "203.0.113.5",
+               "--rcpt", "x@secure.example"])
+    out = capsys.readouterr().out
+    assert rc == 2
+    assert "RCPT TO <x@secure.example>: reject  530 5.7.0 Must issue a STARTTLS command " \
+           "first  (by tls)" in out
+    assert "end of message: not reached (refused before DATA)" in out
+
+
+def test_check_config(files: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+                      tmp_path: Path) -> None:
+    _, ini = files
+    assert main(["check-config", "-c", str(ini)]) == 0
+    assert "require_domains = secure.example" in capsys.readouterr().out
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[check.tls]\nmin_version = TLS1.2\n")
+    assert main(["check-config", "-c", str(bad)]) == 1
+    assert capsys.readouterr().err == (
+        f"mailward: {bad}: [check.tls] min_version: expected one of SSLv3, TLSv1, TLSv1.1, "
+        "TLSv1.2, TLSv1.3, got 'TLS1.2'\n")
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"mailward {__version__}\n"
+
+
+def test_parse_message_keeps_values_as_a_milter_sees_them() -> None:
+    headers, body = parse_message(MESSAGE)
+    assert headers[4] == ("Subject", "  two spaces")
+    assert headers[5] == ("X-Fold", " one\n\ttwo")
+    assert body == b"body\n"
+    # a line that is no header ends the header, as in Postfix
+    headers, body = parse_message(b"A: 1\nnot a header\nB: 2\n\nx")
+    assert headers == [("A", " 1")] and body == b"not a header\nB: 2\n\nx"
+
+
+def test_scan_verifies_dkim_like_the_milter(files: tuple[Path, Path], nameserver: Nameserver,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    eml, ini = files
+    pem, public = rsa_key(1024)
+    publish(nameserver, "s1._domainkey.example.org", f"v=DKIM1; p={public}")
+    nameserver.add("_dmarc.example.org", "TXT", '"v=DMARC1; p=reject"')
+    message = MESSAGE.replace(b"Bcc: hidden@example.org\r\n", b"")
+    for canon in ((b"simple", b"simple"), (b"relaxed", b"relaxed")):
+        eml.write_bytes(dkimpy.sign(message, b"s1", b"example.org", pem, canonicalize=canon)
+                        + message)
+        rc = main(["scan", str(eml), "-c", str(ini), "--client-ip", "198.51.100.9",
+                   "--mail-from", "bounce@example.net", "--json"])
+        results = {r["check"]: r["result"] for r in
+                   json.loads(capsys.readouterr().out)["final"]["results"]}
+        assert rc == 0 and results["dkim"] == "pass" and results["dmarc"] == "pass", results
