@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -30,7 +30,7 @@ class Greet(Check[GreetSettings]):
     name = "greet"
     stages = frozenset({Stage.MAIL, Stage.EOM})
     directions = frozenset({Direction.INBOUND})
-    requires: tuple[str, ...] = ("spf",)
+    requires: ClassVar[tuple[str, ...]] = ("spf",)
 
     def load(self, sec: Section) -> GreetSettings:
         return GreetSettings(word=sec.string("word", "hello"))
