@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from mailward.checks import REGISTRY
 from mailward.core import config, pipeline
@@ -24,6 +25,15 @@ from mailward.services.ratestore import RateStore
 
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
 
+# Property tests: in the suite, a modest number of examples and a deadline that only catches
+# hangs; `make fuzz` (MAILWARD_FUZZ=1) runs many more, each input within 50 ms.
+settings.register_profile("suite", max_examples=150, deadline=2000, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", max_examples=20000, deadline=50,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("fuzz" if os.environ.get("MAILWARD_FUZZ", "") not in ("", "0")
+                      else "suite")
+
 
 def need(condition: bool, why: str) -> None:
     """Skip outside CI when a real component is missing; fail in CI."""
@@ -36,7 +46,8 @@ def need(condition: bool, why: str) -> None:
 
 def make_config(text: str = "") -> config.Config:
     """A config for pure tests: no check that needs DNS unless `text` lists the checks."""
-    base = "[milter]\nauthserv_id = mx.example.com\ntrusted_networks = 10.0.0.0/8\n"
+    base = ("[milter]\nsocket = unix:/run/mailward-test/milter.sock\n"
+            "authserv_id = mx.example.com\ntrusted_networks = 10.0.0.0/8\n")
     if text.lstrip().startswith("[milter]"):
         base = ""
     if "[policy]" not in text:

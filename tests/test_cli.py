@@ -1,8 +1,16 @@
-"""The command line: scan (human and JSON), check-config, --version."""
+"""The command line: scan (human and JSON), check-config, keygen, run's socket, --version."""
 
 from __future__ import annotations
 
+import grp
 import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import dkim as dkimpy
@@ -12,6 +20,7 @@ from mailward import __version__
 from mailward.cli import main
 from mailward.lab.dns import Nameserver
 from mailward.scan import parse_message
+from mailward.services import keys
 from tests.checks.test_dkim import publish, rsa_key
 
 MESSAGE = (b"From: a@example.org\r\nTo: b@example.net\r\nBcc: hidden@example.org\r\n"
@@ -121,3 +130,97 @@ def test_scan_verifies_dkim_like_the_milter(files: tuple[Path, Path], nameserver
         results = {r["check"]: r["result"] for r in
                    json.loads(capsys.readouterr().out)["final"]["results"]}
         assert rc == 0 and results["dkim"] == "pass" and results["dmarc"] == "pass", results
+
+
+def test_scan_refuses_a_client_ip_that_is_no_address(files: tuple[Path, Path],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    eml, ini = files
+    assert main(["scan", str(eml), "-c", str(ini), "--client-ip", "nonsense"]) == 1
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == (
+        "", "mailward: --client-ip: 'nonsense' is not an IP address\n")
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--domain", "../x", "--selector", "s1"],
+     "--domain: '../x' is not a DNS name: it has an empty label (a leading, trailing or "
+     "doubled dot)"),
+    (["--domain", "example.org", "--selector", "../../x"],
+     "--selector: '../../x' is not a DNS name: it has an empty label"),
+    (["--domain", "/tmp/x", "--selector", "s1"],
+     "--domain: '/tmp/x' is not a DNS name: label '/tmp/x' is not 1 to 63 letters, digits "
+     "and hyphens (no hyphen first or last)"),
+    (["--domain", "example.org", "--selector", "a/b"],
+     "--selector: 'a/b' is not a DNS name: label 'a/b' is not 1 to 63"),
+])
+def test_keygen_refuses_names_that_are_not_dns_names(tmp_path: Path, args: list[str],
+                                                     expected: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    keydir = tmp_path / "keys"
+    keydir.mkdir()
+    assert main(["keygen", *args, "--type", "ed25519", "--dir", str(keydir)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"mailward: {expected}") and captured.err.endswith("\n")
+    assert list(tmp_path.rglob("*")) == [keydir]  # nothing written, inside or outside --dir
+
+
+def test_check_config_warns_about_a_tcp_socket_and_trusted_signing(
+        files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, ini = files
+    key = keys.generate(domain="example.org", selector="s1", kind="ed25519",
+                        directory=str(tmp_path))
+    signing = f"[check.dkim_sign]\nkeys = example.org s1 {key.path}\n"
+    ini.write_text(ini.read_text() + signing)
+    assert main(["check-config", "-c", str(ini)]) == 0
+    out = capsys.readouterr().out
+    assert "socket = unix:/var/spool/postfix/mailward/milter.sock\ntimeout" in out
+    assert "trusted_networks = \n" in out
+    assert "is TCP" not in out and "with dkim_sign keys" not in out  # the defaults are quiet
+    ini.write_text(ini.read_text().replace(
+        "[milter]\n", "[milter]\nsocket = inet:8895@127.0.0.1\n"
+                      "trusted_networks = 127.0.0.0/8, ::1/128\n"))
+    assert main(["check-config", "-c", str(ini)]) == 0
+    out = capsys.readouterr().out
+    assert ("# warning: [milter] socket inet:8895@127.0.0.1 is TCP on loopback, so every "
+            "local user can connect") in out
+    assert ("# warning: [milter] trusted_networks (127.0.0.0/8, ::1/128) with dkim_sign keys: "
+            "every client in these networks (for loopback: every local user and application) "
+            "counts as outbound and gets mail signed without authenticating") in out
+
+
+def test_run_gives_its_unix_socket_to_the_mta_only() -> None:
+    """`mailward run` makes its unix socket mode 0660, group postfix when there is one."""
+    workdir = Path(tempfile.mkdtemp(prefix="mw-"))  # short: a socket path has 107 bytes
+    sock = workdir / "milter.sock"
+    ini = workdir / "m.ini"
+    ini.write_text(f"[milter]\nsocket = unix:{sock}\nauthserv_id = mx.example.com\n"
+                   "local_domains = example.com\n[metrics]\nlisten =\n")
+    try:
+        group = grp.getgrnam("postfix").gr_gid
+    except KeyError:
+        group = os.getegid()  # no Postfix here: the socket keeps our group
+    if os.geteuid() != 0 and group not in os.getgroups():
+        group = os.getegid()  # chgrp is refused (and logged); the mode still applies
+    log = workdir / "log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mailward", "run", "-c", str(ini)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        info = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            if sock.exists():
+                info = sock.stat()
+                if (stat.S_IMODE(info.st_mode), info.st_gid) == (0o660, group):
+                    break
+            time.sleep(0.05)
+        assert info is not None, log.read_text()
+        assert stat.S_ISSOCK(info.st_mode)
+        assert (oct(stat.S_IMODE(info.st_mode)), info.st_gid) == (oct(0o660), group)
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        text = log.read_text()
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert "Traceback" not in text and " ERROR " not in text, text

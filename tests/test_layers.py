@@ -20,7 +20,7 @@ PACKAGE = Path(mailward.__file__).parent
 # What each layer may import from mailward (module-name prefixes), besides itself.
 MODEL = ("mailward.core.transaction", "mailward.core.verdict", "mailward.core.outcomes",
          "mailward.core.ini", "mailward.core.settings", "mailward.core.addresses",
-         "mailward.core.nets")
+         "mailward.core.nets", "mailward.core.bodyhash")
 ALLOWED: dict[str, tuple[str, ...]] = {
     "mailward.services": ("mailward.errors", "mailward.core.ini", "mailward.services",
                           "mailward.__init__"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -45,7 +46,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(MailwardError):
+    """A command-line argument is unusable; the message names it."""
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
+    if args.client_ip:
+        try:
+            ipaddress.ip_address(args.client_ip)
+        except ValueError:
+            raise UsageError(f"--client-ip: {args.client_ip!r} is not an IP address") from None
     if args.config:
         cfg = configmod.load(args.config, REGISTRY)
     elif os.path.exists(DEFAULT_CONFIG):
@@ -104,6 +114,10 @@ def format_report(data: dict[str, object]) -> str:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
+    for option, name in (("--domain", args.domain), ("--selector", args.selector)):
+        problem = keys.dns_name_problem(name)
+        if problem:
+            raise UsageError(f"{option}: {name!r} is not a DNS name: {problem}")
     try:
         key = keys.generate(domain=args.domain, selector=args.selector, kind=args.type,
                             bits=args.bits, directory=args.dir)

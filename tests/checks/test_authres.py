@@ -51,7 +51,7 @@ def test_authres_deletes_ours_highest_first_and_keeps_others() -> None:
 
 
 @pytest.mark.parametrize(("value", "rendered"), [
-    ("a@b.example\r\nX-Injected: yes; spf=pass", "a@b.exampleX-Injectedyesspfpass"),
+    ("a@b.example, c@d.example", '"a@b.example,c"@d.example'),
     ("x;spf=pass@evil.example", '"x;spf=pass"@evil.example'),
     ('q"uo\\te(d)@evil.example', '"q\\"uo\\\\te(d)"@evil.example'),
     ("plain;dkim=pass", '"plain;dkim=pass"'),
@@ -76,3 +76,21 @@ def test_authres_none_and_directions() -> None:
     assert r.edits == (AddHeader("Authentication-Results", "mx.example.com; none", top=True),)
     cfg = make_config("[check.authres]\ndirections = inbound\n")
     assert run(cfg, "authres", make_tx(auth_user="bob")).edits == ()
+
+
+@pytest.mark.parametrize(("value", "rendered"), [
+    ("x@banké.example", "smtp.mailfrom=x@xn--bank-epa.example"),
+    ("jörg@banké.example", "smtp.mailfrom=xn--bank-epa.example"),  # §2.7.2: the domain alone
+    ("x@BANK.example.", "smtp.mailfrom=x@bank.example"),
+    ("a@b.example\r\nX-Injected: yes; spf=pass", ""),  # no domain: no property
+    ("x@bank..example", ""),
+])
+def test_authres_names_exactly_the_domain_checked(value: str, rendered: str) -> None:
+    """Dropping the é of banké.example would name bank.example: a different domain."""
+    text = authres.render("mx.example.com", (AuthResEntry(
+        "spf", Result.PASS, properties=(("smtp", "mailfrom", value),
+                                        ("header", "d", "bücher.example"),
+                                        ("header", "s", "sél"))),))
+    expected = " ".join(p for p in ("spf=pass", rendered, "header.d=xn--bcher-kva.example",
+                                    "header.s=xn--sl-bja") if p)
+    assert text == f"mx.example.com;\n\t{expected}"

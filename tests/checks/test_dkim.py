@@ -6,6 +6,7 @@ import base64
 import re
 import subprocess
 import time
+import tracemalloc
 from collections.abc import Iterator
 from functools import cache
 from typing import Any
@@ -17,6 +18,7 @@ import dns.rdtypes.ANY.TXT
 import nacl.signing
 import pytest
 
+from mailward.checks import dkim as dkim_check
 from mailward.checks.dkim import message_bytes
 from mailward.core.transaction import Body, Stage, Transaction, index_headers
 from mailward.core.verdict import CheckResult, Result
@@ -256,3 +258,96 @@ def test_unsigned_and_outbound(resolver: Resolver) -> None:
     _, (r,) = run_stage(cfg, Stage.EOM, make_tx(headers=headers, auth_user="alice"),
                            resolver=resolver)
     assert (r.result, r.authres) == (Result.NONE, ())
+
+
+# -- issue 7: hostile signatures and bodies ---------------------------------------------------
+
+def with_junk(raw: bytes, junk: bytes) -> bytes:
+    """A second, hostile DKIM-Signature in front of a good one."""
+    return b"DKIM-Signature: " + junk + b"\r\n" + raw
+
+
+JUNK = b"v=1; a=rsa-sha256; d=example.com; s=rsa2048; h=from; bh=AAAA; b=AAAA"
+
+
+@pytest.mark.parametrize(("junk", "reason"), [
+    (JUNK + b"; t=" + b"9" * 5000, "t= is not a number of at most 12 digits"),
+    (JUNK + b"; x=" + b"1" * 5000, "x= is not a number of at most 12 digits"),
+    (JUNK.replace(b"b=AAAA", b"b=A" + b" " * 24000 + b"!"), "longer than 8192"),
+    (JUNK.replace(b"b=AAAA", b"b=A" + b" " * 5000 + b"!"), "white space runs over 64"),
+    (JUNK.replace(b"b=AAAA", b"b=AB==CD"), "b= is not base64"),
+    (JUNK.replace(b"bh=AAAA", b"bh=A\tB;!"), "malformed signature"),
+])
+def test_a_hostile_signature_is_its_own_problem_only(resolver: Resolver, junk: bytes,
+                                                     reason: str) -> None:
+    start = time.perf_counter()
+    r = verify(with_junk(sign(), junk), resolver)
+    assert time.perf_counter() - start < 2  # was 4.7 s for 24 KB of crafted b= (quadratic)
+    (bad_result, bad_reason), good = results(r)
+    assert bad_result in ("neutral", "permerror") and reason in bad_reason, bad_reason
+    assert good == ("pass", "") and r.result is Result.PASS
+
+
+def test_a_library_exception_is_that_signatures_permerror(resolver: Resolver,
+                                                           caplog: pytest.LogCaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """Whatever dkimpy raises for one signature stays with it (a stand-in for a bug)."""
+    real = dkim_check._HeaderDKIM.verify_sig_process
+    calls = []
+
+    def flaky(self: Any, sig: dict[bytes, bytes], *a: Any) -> bool:
+        calls.append(sig[b"s"])
+        if len(calls) == 1:
+            raise RuntimeError("a library bug")
+        return real(self, sig, *a)
+
+    monkeypatch.setattr(dkim_check._HeaderDKIM, "verify_sig_process", flaky)
+    raw = sign(sign(), selector="ed", key=ed25519_key()[0],
+               signature_algorithm=b"ed25519-sha256")
+    r = verify(raw, resolver)
+    assert results(r) == [("permerror", "cannot verify: internal error (RuntimeError)"),
+                          ("pass", "")]
+    assert r.result is Result.PASS
+    assert "dkim: signature 1: RuntimeError while verifying" in caplog.text
+
+
+@pytest.mark.parametrize("canon", [(b"relaxed", b"relaxed"), (b"simple", b"simple")])
+def test_hostile_bodies_cost_linear_time(resolver: Resolver, canon: tuple[bytes, bytes]
+                                         ) -> None:
+    """Long white space runs that end no line: dkimpy's canonicalization was quadratic."""
+
+    signed = sign(canonicalize=canon)  # dkimpy's own signing would be quadratic here
+    head = signed.split(b"\r\n\r\n")[0]
+
+    def cost(size: int) -> float:
+        raw = head + b"\r\n\r\n" + b"x" + b" " * size + b"y\r\n"
+        start = time.perf_counter()
+        r = verify(raw, resolver)
+        assert results(r) == [("fail", "body hash mismatch")]  # the whole body was hashed
+        return time.perf_counter() - start
+
+    cost(1000)  # warm
+    assert cost(2_000_000) < 25 * max(cost(200_000), 0.005)
+
+
+def test_a_large_signed_body_is_verified_in_bounded_memory(resolver: Resolver) -> None:
+    """The body is hashed from the spool, a chunk at a time: 20 MB costs no 20 MB copy."""
+    body = b"".join(b"line %d of a large attachment, base64-ish ABCDEFGHIJKLMNOP\r\n" % i
+                    for i in range(330_000))
+    raw = sign(MESSAGE.split(b"\r\n\r\n")[0] + b"\r\n\r\n" + body)
+    headers, body_bytes = parse_message(raw)
+    spool = Body(threshold=1 << 20)
+    spool.write(body_bytes.replace(b"\n", b"\r\n"))
+    del raw, body, body_bytes
+    cfg = make_config("[policy]\nchecks = dkim\n")
+    tx = make_tx(headers=headers, body=spool)
+    tracemalloc.start()
+    try:
+        _, (r,) = run_stage(cfg, Stage.EOM, tx, resolver=resolver)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        spool.close()
+    assert spool.size > 20_000_000 and r.result is Result.PASS
+    assert peak < 4_000_000, f"peak {peak} bytes while verifying a {spool.size}-byte body"

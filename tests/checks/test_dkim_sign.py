@@ -120,6 +120,7 @@ def test_our_verifier_agrees(keydir: Path, resolver: Resolver, nameserver: Names
 @pytest.mark.parametrize(("setup", "expected"), [
     ("missing", "cannot read key file: No such file or directory"),
     ("world", "key file is readable by others (mode 644)"),
+    ("group", "key file is writable by its group (mode 620)"),
     ("garbage", "neither an RSA PEM key nor a base64 ed25519 seed"),
     ("badpem", "not a usable RSA private key (PEM)"),
 ])
@@ -127,9 +128,9 @@ def test_key_file_problems_refuse_the_config(tmp_path: Path, keydir: Path, setup
                                              expected: str) -> None:
     path = tmp_path / "k.key"
     secret = (keydir / "example.com.rsa.key").read_bytes()
-    if setup == "world":
+    if setup in ("world", "group"):
         path.write_bytes(secret)
-        path.chmod(0o644)
+        path.chmod(0o644 if setup == "world" else 0o620)
     elif setup == "garbage":
         path.write_bytes(b"not a key at all\n")
         path.chmod(0o600)
@@ -183,3 +184,22 @@ def test_start_up_warns_about_unpublished_or_different_keys(
     assert f"the key {other.path} does not match the record at rsa._domainkey.example.com " \
            "(different)" in warnings[0]
     assert "nope._domainkey.example.com (none)" in warnings[1]
+
+
+def test_trusted_networks_with_signing_keys_are_warned_about(keydir: Path) -> None:
+    """Every client in trusted_networks gets mail signed unauthenticated: say so."""
+
+    def warnings(milter: str, checks: str = "bcc, trace, dkim_sign, authres",
+                 keys: str = f"example.com ed {keydir}/example.com.ed.key") -> list[str]:
+        cfg = loads(f"[milter]\nauthserv_id = mx.example.com\n{milter}"
+                    f"[policy]\nchecks = {checks}\n[check.dkim_sign]\nkeys = {keys}\n")
+        return [w for w in cfg.warnings if "trusted_networks" in w]
+
+    assert warnings("trusted_networks = 127.0.0.0/8, ::1/128\n") == [
+        "[milter] trusted_networks (127.0.0.0/8, ::1/128) with dkim_sign keys: every client in "
+        "these networks (for loopback: every local user and application) counts as outbound "
+        "and gets mail signed without authenticating; prefer SASL or an originating service "
+        "(originating_daemons)"]
+    assert warnings("") == []  # the default: no network is trusted
+    assert warnings("trusted_networks = 10.0.0.0/8\n", checks="bcc, trace, authres") == []
+    assert warnings("trusted_networks = 10.0.0.0/8\n", keys="") == []  # nothing is signed

@@ -106,7 +106,8 @@ def test_failing_or_non_passing_identifiers_do_not_align(resolver: Resolver) -> 
     ("a@quarantine.example", Action.QUARANTINE, "quarantine", "p=quarantine"),
     ("a@none.example", Action.ACCEPT, "none", "p=none"),
     ("a@test.example", Action.QUARANTINE, "quarantine", "p=reject t=y"),  # one level less
-    ("a@pct0.example", Action.REJECT, "reject", "p=reject pct=0"),  # pct ignored
+    # pct=0 is what t=y replaced (RFC 9989 Appendix A.6): one level less
+    ("a@pct0.example", Action.QUARANTINE, "quarantine", "p=reject pct=0"),
     ("a@garbage.example", Action.REJECT, "reject", "p=reject"),  # bad tags ignored
 ])
 def test_policy_selection(resolver: Resolver, from_: str, action: Action, applied: str,
@@ -227,3 +228,94 @@ def test_opendmarc_record_vectors(resolver: Resolver, nameserver: Nameserver,
     nameserver.load_zone(f'_dmarc.vector.example. TXT "{record}"\n')
     r = evaluate(resolver, "a@vector.example")  # unauthenticated
     assert str(r.result) in [vector["rfc_dmarc"], *vector["rfc_accept"]], r.reason
+
+
+# -- issue 7: address syntax, several authors, forced temperrors ----------------------------
+
+@pytest.mark.parametrize("from_", [
+    "ceo@ example.com", "ceo@\n example.com", "ceo@(x)example.com", "ceo@example .com",
+    "Boss <ceo @ example.com>", "ceo@EXAMPLE.com.", "a@example.com, b@example.com",
+])
+def test_a_spoof_in_any_address_syntax_is_judged(resolver: Resolver, from_: str) -> None:
+    """example.com publishes p=reject: every spelling a reader sees as example.com fails."""
+    r = evaluate(resolver, from_, spf="x@evil.example")
+    assert (r.result, r.action) == (Result.FAIL, Action.REJECT), r.reason
+    assert props(r)["from"] == "example.com"
+
+
+@pytest.mark.parametrize("from_", [
+    "ceo@example.com <x@evil.example>", "a@b@example.com", "<ceo@example.com",
+    "ceo@example.com)", "a@example..com", "ceo@" + "x" * 70 + ".example",
+])
+def test_a_from_that_names_no_certain_domain_is_refused(resolver: Resolver, from_: str) -> None:
+    r = evaluate(resolver, from_, spf="x@evil.example")
+    assert (r.result, r.action) == (Result.PERMERROR, Action.REJECT), r.reason
+    assert str(r.reply) == ("550 5.7.1 Malformed From field: the author domain cannot be "
+                            "determined")
+    r = evaluate(resolver, from_, config="[check.dmarc]\non_malformed_from = accept\n")
+    assert (r.result, r.action) == (Result.PERMERROR, Action.ACCEPT)
+
+
+def test_several_addresses_in_one_domain_are_one_author_domain(resolver: Resolver) -> None:
+    r = evaluate(resolver, "a@example.com, Bob <b@mail.example.com>", dkim="example.com")
+    assert r.result is Result.PERMERROR  # two domains: example.com and mail.example.com
+    r = evaluate(resolver, "a@example.com, Bob <b@example.com>", dkim="example.com")
+    assert (r.result, r.action) == (Result.PASS, Action.ACCEPT), r.reason
+
+
+def test_several_author_domains_refused_or_the_strictest_applies(resolver: Resolver) -> None:
+    froms = "a@none.example, b@example.com"
+    r = evaluate(resolver, froms, spf="x@evil.example")
+    assert (r.result, r.action, r.reply.code if r.reply else 0) == (
+        Result.PERMERROR, Action.REJECT, 550)
+    strict = "[check.dmarc]\nmultiple_author_domains = strictest\n"
+    r = evaluate(resolver, froms, spf="x@evil.example", config=strict)
+    assert (r.result, r.action) == (Result.FAIL, Action.REJECT), r.reason
+    assert [e.result for e in r.authres] == [Result.FAIL, Result.FAIL]
+    r = evaluate(resolver, "a@none.example, b@quarantine.example", spf="x@evil.example",
+                 config=strict)
+    assert r.action is Action.QUARANTINE
+    many = ", ".join(f"a@d{i}.example" for i in range(6))
+    r = evaluate(resolver, many, config=strict)  # over max_author_domains (5)
+    assert (r.result, r.action) == (Result.PERMERROR, Action.REJECT)
+
+
+def test_pct_0_is_testing_unless_pct_is_honoured(resolver: Resolver) -> None:
+    r = evaluate(resolver, "a@pct0.example", spf="x@evil.example")
+    assert (r.action, props(r)["dmarc"]) == (Action.QUARANTINE, "quarantine")
+
+
+@pytest.mark.parametrize(("spf", "dkim", "result", "action"), [
+    # the spoofer's own identifiers fail temporarily: they could never align, so 550
+    ("x@evil.example", "", Result.FAIL, Action.REJECT),
+    ("", "evil.example", Result.FAIL, Action.REJECT),
+    # an identifier under the author's Organizational Domain could align: retry
+    ("x@bounce.example.com", "", Result.TEMPERROR, Action.TEMPFAIL),
+    ("", "mail.example.com", Result.TEMPERROR, Action.TEMPFAIL),
+])
+def test_only_an_identifier_that_could_align_makes_a_temperror(
+        resolver: Resolver, spf: str, dkim: str, result: Result, action: Action) -> None:
+    r = evaluate(resolver, "ceo@example.com", spf=spf, dkim=dkim,
+                 spf_result=Result.TEMPERROR, dkim_result=Result.TEMPERROR)
+    assert (r.result, r.action) == (result, action), r.reason
+
+
+def test_a_temperror_never_holds_mail_a_p_none_policy_would_accept(resolver: Resolver) -> None:
+    r = evaluate(resolver, "a@none.example", dkim="none.example",
+                 dkim_result=Result.TEMPERROR)
+    assert (r.result, r.action) == (Result.TEMPERROR, Action.ACCEPT)
+
+
+def test_unalignable_identifiers_cost_no_lookup(resolver: Resolver,
+                                               nameserver: Nameserver) -> None:
+    """A sender's own domain that SERVFAILs cannot turn the 550 into a 451."""
+    nameserver.servfail.add("_dmarc.evil.example")
+    r = evaluate(resolver, "ceo@example.com", dkim="evil.example")
+    assert (r.result, r.action) == (Result.FAIL, Action.REJECT), r.reason
+    assert nameserver.count("_dmarc.evil.example") == 0
+
+
+def test_names_dns_cannot_carry_are_no_records_not_temperrors(resolver: Resolver) -> None:
+    long_author = ".".join(["a" * 60] * 4) + ".example"  # valid, but _dmarc. + it is not
+    r = evaluate(resolver, f"x@{long_author}", spf="x@evil.example")
+    assert r.result is Result.NONE, r.reason

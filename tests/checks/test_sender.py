@@ -132,3 +132,23 @@ def test_ten_thousand_recipients_are_cheap(cfg_text: str) -> None:
             accepted = candidate
     assert len(accepted) == 10_000
     assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("from_", [
+    "boss@ example.com, alice@example.com",  # CFWS after @: still boss@example.com
+    "boss@(x)example.com",
+    "Alice <alice@example.com>, boss @ example .com",
+    "alice@example.com <boss@example.com>",  # unreadable: not alice's
+    "alice@example.com, (unterminated",
+])
+def test_a_from_the_user_does_not_own_in_any_syntax_is_refused(cfg_text: str,
+                                                               from_: str) -> None:
+    got = run(cfg_text, Stage.EOM, auth_user="alice@example.com",
+              headers=[("From", " " + from_)])
+    assert got == (Result.FAIL, Action.REJECT, MISMATCH)
+
+
+def test_outside_use_of_our_domain_in_any_syntax_is_seen(cfg_text: str) -> None:
+    text = cfg_text.replace("[check.sender]", "[check.sender]\nown_domain_header_action = reject")
+    got = run(text, Stage.EOM, headers=[("From", " ceo@ example.com")])
+    assert got[:2] == (Result.FAIL, Action.REJECT)

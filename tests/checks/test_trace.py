@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
+
 from mailward.core.verdict import (
     ChangeHeader,
     DeleteHeader,
@@ -43,3 +47,46 @@ def test_trace_rewrite_keeps_the_rest() -> None:
 def test_trace_leaves_inbound_alone() -> None:
     r = run(make_config(TRACE_CFG), "trace", make_tx(headers=RECEIVED))
     assert (r.result, r.edits) == (Result.NONE, ())
+
+
+@pytest.mark.parametrize(("value", "rewritten"), [
+    (" from a by relay (10.1.2.3:25)", " from a by relay (redacted:25)"),
+    (" from gw.internal.example:587 by mx", " from redacted.invalid:587 by mx"),
+    (" from app.internal.example. by mx", " from redacted.invalid. by mx"),
+    (" by mx (Postfix, from userid 0) id 4F1; Mon, 1 Jan 2024 10:30:00 +0000", None),
+    (" from ext.example.org (198.51.100.1:25)", None),
+    (" from x ([IPv6:::10.1.2.3])", " from x ([IPv6:::redacted])"),  # found by make fuzz
+    (" from x ([64:ff9b::192.168.0.9])", " from x ([64:ff9b::redacted])"),
+])
+def test_trace_finds_internal_names_next_to_ports_and_dots(value: str,
+                                                          rewritten: str | None) -> None:
+    cfg = make_config(TRACE_CFG + "action = rewrite\n")
+    r = run(cfg, "trace", make_tx(headers=[("Received", value)], auth_user="alice"))
+    assert [e.value for e in r.edits if isinstance(e, ChangeHeader)] == (
+        [rewritten] if rewritten else [])
+
+
+@pytest.mark.parametrize("unit", ["a", "1.", "a:", "fd00::", "x.internal.example ", "(", "10."])
+def test_trace_cost_is_linear_in_a_hostile_received_field(unit: str) -> None:
+    """100 KB of hex digits cost the former patterns 6 s. Fields over 4096 characters are
+    deleted unread; below that, 10x the field costs ~10x."""
+    cfg = make_config(TRACE_CFG + "action = rewrite\n")
+
+    def cost(size: int) -> float:
+        value = " " + unit * (size // len(unit)) + "!"
+        tx = make_tx(headers=[("Received", value)], auth_user="alice")
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            run(cfg, "trace", tx)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    assert cost(4_000) < 25 * max(cost(400), 1e-4)
+
+
+def test_an_oversized_received_field_is_deleted_unread() -> None:
+    cfg = make_config(TRACE_CFG + "action = rewrite\n")
+    value = " from ext.example.org (" + "x" * 5000 + ")"
+    r = run(cfg, "trace", make_tx(headers=[("Received", value)], auth_user="alice"))
+    assert r.edits == (DeleteHeader("Received", 1),)

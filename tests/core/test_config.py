@@ -21,8 +21,10 @@ def test_reference_config_loads_and_lists_every_key() -> None:
     # every check, in the default order
     assert [link.name for link in cfg.chain] == [li.name for li in loads("").chain]
     assert {link.name for link in cfg.chain} == set(REGISTRY.default_order)
-    assert cfg.milter.socket == "inet:8895@127.0.0.1"
+    assert cfg.milter.socket == "unix:/var/spool/postfix/mailward/milter.sock"
+    assert cfg.milter.trusted_networks == ()
     assert cfg.metrics.listen == ("127.0.0.1", 9895)
+    assert [w for w in cfg.warnings if "socket" in w or "trusted" in w or "metrics" in w] == []
     text = (REPO / "conf" / "mailward.ini").read_text()
     # every effective key is documented in the reference file
     for line in config.describe(cfg).splitlines():
@@ -57,12 +59,21 @@ def test_describe_round_trips() -> None:
      "[milter] trusted_networks: expected a list of IP networks"),
     ("[milter]\nauthserv_id = bad id;\n", "[milter] authserv_id: expected a host name"),
     ("[milter]\nspool_threshold = lots\n", "[milter] spool_threshold: expected a size"),
+    ("[milter]\nspool_threshold = 0\n", "[milter] spool_threshold: expected a size of at "
+                                        "least 1K: bodies larger than it are spooled to disk, "
+                                        "and 0 would keep every body in memory, got '0 bytes'"),
+    ("[milter]\nspool_threshold = 1023\n", "[milter] spool_threshold: expected a size of at "
+                                           "least 1K"),
     ("[milter]\nlocal_domains = ok.example, not a domain!\n",
      "[milter] local_domains: expected a list of domain names, got 'domain!'"),
     ("[milter]\nlog_level = loud\n", "[milter] log_level: expected one of debug"),
     ("[metrics]\nlisten = 0.0.0.0\n", "[metrics] listen: expected HOST:PORT"),
     ("[metrics]\nlisten = localhost:9000\n", "[metrics] listen: expected HOST:PORT"),
     ("[policy]\nchecks = tls, spam\n", "[policy] checks: expected check names"),
+    ("[policy]\nchecks =\n", "[policy] checks: expected at least one check name (an empty "
+                             "chain checks nothing; to turn a check off, set enabled = no in "
+                             "its [check.NAME] section), got ''"),
+    ("[policy]\nchecks = ,\n", "[policy] checks: expected at least one check name"),
     ("[policy]\nchecks = tls, tls\n", "[policy] checks: expected each check named once"),
     ("[policy]\nchecks = authres, tls\n", "[policy] checks: expected tls before authres, "
                                           "since it reports every other check"),
@@ -135,3 +146,65 @@ def test_metrics_can_be_disabled() -> None:
 def test_reply_text_is_sanitised() -> None:
     reply = Reply.parse("550 5.7.1 bad\x00 \x1b[31mtext")
     assert reply.text == "bad [31mtext"
+
+
+def quiet(text: str = "") -> config.Config:
+    """`loads` with `text` added to a [milter] section that warns about nothing."""
+    milter, _, rest = text.partition("\n[")
+    return loads("[milter]\nauthserv_id = mx.example.com\nlocal_domains = example.com\n"
+                 + milter + ("\n[" + rest if rest else ""))
+
+
+def test_defaults_are_secure() -> None:
+    """No TCP socket any local user could use, no network trusted without saying so."""
+    cfg = quiet()
+    assert cfg.milter.socket == "unix:/var/spool/postfix/mailward/milter.sock"
+    assert cfg.milter.trusted_networks == ()
+    assert cfg.metrics.listen == ("127.0.0.1", 9895)
+    assert cfg.warnings == ()
+
+
+def test_smallest_spool_threshold_is_accepted() -> None:
+    assert quiet("spool_threshold = 1K\n").milter.spool_threshold == 1024
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("socket = inet:8895@127.0.0.1\n",
+     "[milter] socket inet:8895@127.0.0.1 is TCP on loopback, so every local user can connect, "
+     "speak the milter protocol and have mail judged or signed as if it came from the MTA; "
+     "prefer unix:/var/spool/postfix/mailward/milter.sock (mode 0660, group postfix)"),
+    ("socket = inet:8895@localhost\n", "is TCP on loopback, so every local user"),
+    ("socket = inet6:8895@::1\n", "is TCP on loopback, so every local user"),
+    ("socket = inet:8895@0.0.0.0\n",
+     "[milter] socket inet:8895@0.0.0.0 is TCP beyond loopback, so every host that can reach "
+     "it can connect"),
+    ("socket = inet:8895@192.0.2.25\n", "is TCP beyond loopback"),
+    ("socket = inet:8895@mx.example.com\n", "is TCP beyond loopback"),
+    ("\n[metrics]\nlisten = 0.0.0.0:9895\n",
+     "[metrics] listen 0.0.0.0:9895 is every address of this host: the metrics are exposed "
+     "beyond loopback; use 127.0.0.1 or ::1 unless a firewall protects the port"),
+    ("\n[metrics]\nlisten = [::]:9895\n", "[metrics] listen [::]:9895 is every address"),
+])
+def test_exposed_listeners_are_warned_about(text: str, expected: str) -> None:
+    warnings = quiet(text).warnings
+    assert len(warnings) == 1, warnings
+    assert expected in warnings[0]
+
+
+@pytest.mark.parametrize("text", [
+    "socket = unix:/run/mailward/milter.sock\n",
+    "socket = local:/run/mailward/milter.sock\n",
+    "\n[metrics]\nlisten = 127.0.0.1:9895\n",
+    "\n[metrics]\nlisten = [::1]:9895\n",
+    "\n[metrics]\nlisten = 192.0.2.25:9895\n",  # one interface: a deliberate choice
+    "\n[metrics]\nlisten =\n",
+])
+def test_private_listeners_are_not_warned_about(text: str) -> None:
+    assert quiet(text).warnings == ()
+
+
+def test_a_chain_of_disabled_checks_is_warned_about() -> None:
+    cfg = loads("[policy]\nchecks = bcc\n[check.bcc]\nenabled = no\n")
+    assert cfg.chain == ()
+    assert cfg.warnings == ("[policy] checks: every listed check is disabled (enabled = no): "
+                            "mail passes unchecked",)

@@ -13,7 +13,7 @@ from mailward.core.ini import Section
 from mailward.core.settings import Mode
 from mailward.core.snapshot import Snapshot
 from mailward.core.transaction import Direction, Stage, Transaction
-from mailward.core.verdict import Action, CheckResult, Result
+from mailward.core.verdict import Action, AddHeader, CheckResult, DeleteHeader, Result
 from mailward.lab.dns import Nameserver
 from tests.conftest import make_config, make_tx, run_stage, snapshot_of
 
@@ -69,8 +69,22 @@ def test_monitor_mode_records_instead_of_acting() -> None:
         Result.FAIL, Action.ACCEPT, Action.REJECT, None)
     _, results = run_stage(cfg, Stage.EOM, make_tx(headers=[("Bcc", " x@y")]))
     v = policy.decide(results, cfg.policy)
-    assert v.action is Action.ACCEPT and v.edits == ()
+    assert v.action is Action.ACCEPT
+    assert [type(e).__name__ for e in v.edits] == ["AddHeader"]  # only our A-R: Bcc stays
     assert {x.check: x.would for x in results}["bcc"] is Action.ACCEPT
+
+
+def test_monitor_mode_still_deletes_forged_results_and_adds_ours() -> None:
+    """Deleting fields that claim our authserv-id protects readers: not a policy action."""
+    for mode in ("[milter]\nauthserv_id = mx.example.com\nmode = monitor\n",
+                 "[check.authres]\nmode = monitor\n"):
+        cfg = make_config(mode)
+        tx = make_tx(headers=[("Authentication-Results", " mx.example.com; dmarc=pass"),
+                              ("From", " a@b.example")])
+        _, verdict = pipeline.evaluate(Stage.EOM, tx, snapshot_of(cfg))
+        assert verdict.edits[0] == DeleteHeader("Authentication-Results", 1), mode
+        added = verdict.edits[-1]
+        assert isinstance(added, AddHeader) and added.value.startswith("mx.example.com;")
 
 
 def test_only_checks_of_the_stage_run() -> None:
@@ -131,3 +145,38 @@ def test_the_dns_budget_is_shared_by_spf_and_its_includes(nameserver: Nameserver
     nameserver.delay = 0.0
     _, verdict = pipeline.evaluate(Stage.EOM, tx, snap)
     assert {r.check: r for r in verdict.results}["spf"].result is Result.FAIL
+
+
+class BrokenDkim(Check[None]):
+    """A dkim check with a bug (as a library exception escaping dkimpy once was)."""
+
+    name = "dkim"
+    stages = frozenset({Stage.EOM})
+
+    def load(self, sec: Section) -> None:
+        return None
+
+    def run(self, tx: Transaction, ctx: Context, settings: None) -> CheckResult:
+        raise ValueError("Exceeds the limit (4300 digits) for integer string conversion")
+
+
+def test_an_internal_error_never_becomes_a_permanent_reject(nameserver: Nameserver) -> None:
+    """DMARC without the DKIM result would fail a p=reject domain: 451, never 550."""
+    nameserver.load_zone('bank.example. TXT "v=spf1 -all"\n'
+                         '_dmarc.bank.example. TXT "v=DMARC1; p=reject"\n')
+    cfg = make_config(f"[dns]\nnameservers = 127.0.0.1:{nameserver.port}\n"
+                      "[policy]\nchecks = spf, dkim, dmarc, authres\n")
+    tx = make_tx(headers=[("From", " ceo@bank.example")], mail_from="ceo@bank.example",
+                 client_ip="198.51.100.7")
+    _, verdict = pipeline.evaluate(Stage.EOM, tx, snapshot_of(cfg))
+    assert (verdict.action, str(verdict.reply)) == (Action.REJECT, "550 5.7.1 Rejected by the "
+                                                    "DMARC policy of the sender domain "
+                                                    "bank.example (p=reject)")
+    chain = tuple(dataclasses.replace(li, check=BrokenDkim()) if li.name == "dkim" else li
+                  for li in cfg.chain)
+    broken = dataclasses.replace(cfg, chain=chain)
+    _, verdict = pipeline.evaluate(Stage.EOM, tx, snapshot_of(broken))
+    results = {r.check: r for r in verdict.results}
+    assert results["dkim"].internal_error and results["dmarc"].action is Action.TEMPFAIL
+    assert "dkim failed internally" in results["dmarc"].reason
+    assert (verdict.action, verdict.reply.code if verdict.reply else 0) == (Action.TEMPFAIL, 451)

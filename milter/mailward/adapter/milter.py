@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import grp
 import ipaddress
 import logging
 import os
@@ -102,19 +103,44 @@ def _nodelay_listeners() -> int:
 
 
 def serve(runtime: Runtime, *, socket: str, timeout: int) -> None:
-    """Register the milter class with libmilter and serve until a stop signal."""
+    """Register the milter class with libmilter and serve until a stop signal.
+
+    A unix socket gets mode 0660 and, when the group exists, group `postfix` (Postfix's
+    smtpd and cleanup run as user postfix): only the MTA and our own user may connect, so no
+    other local user can have mail judged or signed. Without a group `postfix` (a Sendmail
+    host) the group stays ours. A TCP socket gets TCP_NODELAY.
+    """
     Milter.factory = lambda: MailwardMilter(runtime)
     Milter.set_flags(FLAGS)
     opensocket = Milter.milter.opensocket
 
-    def open_without_nagle(rmsock: bool) -> Any:
+    def restrict(path: str) -> None:
+        try:
+            os.chmod(path, 0o660)
+        except OSError as exc:
+            raise ServeError(f"cannot set mode 0660 on {path}: {exc.strerror}") from None
+        try:
+            gid = grp.getgrnam("postfix").gr_gid
+        except KeyError:
+            return  # no Postfix here: the socket keeps our group
+        try:
+            os.chown(path, -1, gid)
+        except OSError as exc:
+            log.warning("cannot give %s to group postfix (%s): Postfix can connect only if "
+                        "user postfix is in our group; or make its directory group postfix "
+                        "with the setgid bit (chmod 2750)", path, exc.strerror)
+
+    def open_socket(rmsock: bool) -> Any:
         # runmilter opens the socket, then blocks in main(): the one moment to reach it
         done = opensocket(rmsock)
-        if socket.startswith("inet"):
+        kind, _, path = socket.partition(":")
+        if kind in ("unix", "local"):
+            restrict(path)
+        elif socket.startswith("inet"):
             log.debug("TCP_NODELAY set on %d listening socket(s)", _nodelay_listeners())
         return done
 
-    Milter.milter.opensocket = open_without_nagle
+    Milter.milter.opensocket = open_socket
     try:
         Milter.runmilter("mailward", socket, timeout=timeout)
     except Milter.milter.error as exc:

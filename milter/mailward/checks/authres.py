@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import authres
 
+from mailward.core.addresses import normalise_domain
 from mailward.core.check import EVERY_OTHER, Check, Context
 from mailward.core.ini import Section
 from mailward.core.transaction import Direction, Stage, Transaction
@@ -37,7 +38,6 @@ FIELD = "Authentication-Results"
 
 _PVALUE_UNSAFE = re.compile(r"[^\x21-\x7e]")
 _ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+")  # RFC 5322 §3.2.3 dot-atom text
-_DOMAIN_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 @dataclass(frozen=True)
@@ -89,20 +89,29 @@ def authserv_id_of(value: str) -> str:
 
 
 def _pvalue(value: str) -> str:
-    """A property value that stays one value whatever the sender wrote (RFC 8601 §2.2).
+    """A property value that stays one value whatever the sender wrote, naming exactly what
+    was checked (RFC 8601 §2.2, §2.7), or '' to leave the property out.
 
     authres leaves any value containing `@` unquoted, so such values are rebuilt here as
-    `local-part@domain` with a dot-atom or quoted local-part and a plain domain; values without
-    `@` are quoted by authres where needed.
+    `local-part@domain` with a dot-atom or quoted local-part and the domain as an A-label;
+    a local part that is not ASCII is left out (§2.7.2 allows the domain alone). A value that
+    is not ASCII otherwise is written as an A-label when it is a domain name, else left out:
+    dropping characters would name a different domain.
     """
-    value = _PVALUE_UNSAFE.sub("", value)[:256]
-    if "@" not in value:
-        return value
-    local, _, domain = value.rpartition("@")
-    domain = _DOMAIN_UNSAFE.sub("", domain)
-    if not _ATEXT.fullmatch(local):
-        local = '"' + re.sub(r'(["\\])', r"\\\1", local) + '"'
-    return f"{local}@{domain}"
+    if "@" in value:
+        local, _, domain = value.rpartition("@")
+        ascii_domain = normalise_domain(domain)
+        if ascii_domain is None:
+            return ""
+        local = _PVALUE_UNSAFE.sub("", local)[:128] if local.isascii() else ""
+        if not local:
+            return ascii_domain
+        if not _ATEXT.fullmatch(local):
+            local = '"' + re.sub(r'(["\\])', r"\\\1", local) + '"'
+        return f"{local}@{ascii_domain}"
+    if not value.isascii():
+        return normalise_domain(value) or ""
+    return _PVALUE_UNSAFE.sub("", value)[:256]
 
 
 def _reason(text: str) -> str | None:
@@ -116,8 +125,9 @@ def render(authserv_id: str, entries: tuple[AuthResEntry, ...]) -> str:
         return f"{authserv_id}; none"
     parts = []
     for e in entries:
-        props = [authres.AuthenticationResultProperty(ptype, prop, _pvalue(value))
-                 for ptype, prop, value in e.properties if _pvalue(value)]
+        values = [(ptype, prop, _pvalue(value)) for ptype, prop, value in e.properties]
+        props = [authres.AuthenticationResultProperty(ptype, prop, value)
+                 for ptype, prop, value in values if value]
         result = authres.AuthenticationResult(
             method=e.method, result=str(e.result),
             reason=_reason(e.reason), properties=props)
@@ -144,6 +154,7 @@ class AuthRes(Check[Settings]):
     name = NAME
     stages = frozenset({Stage.EOM})
     after = (EVERY_OTHER,)  # it reports every other check
+    safety_edits = True  # forged fields go, and ours is added, in monitor mode too
 
     def load(self, sec: Section) -> Settings:
         return Settings.load(sec)

@@ -17,24 +17,32 @@ header.b (the first 8 characters of b=):
 dkimpy 1.1.8 lets rsa-sha1, From-less h=, the key's h= and t=s, and up to 10 hours of expired x=
 through; mailward checks those itself before the crypto.
 
+Hostile input (issue 7): a signature field is bounded before dkimpy sees it (size, white space
+runs, base64 b=/bh=, digit counts of t=/x=/l=), which keeps dkimpy's regular expressions linear;
+the body hash is computed by mailward, streamed from the spool in linear time and bounded
+memory (core/bodyhash.py), and dkimpy verifies the header signature only; any exception a
+library raises for one signature is that signature's permerror, never the check's.
+
 The check itself never refuses mail: DKIM feeds DMARC. Inbound mail only.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import logging
 import re
 import time
 from dataclasses import dataclass
 
 import dkim as dkimpy
-from dkim.canonicalization import CanonicalizationPolicy
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from mailward.core.bodyhash import BodyHash
 from mailward.core.check import Check, Context, Service
 from mailward.core.ini import Section
 from mailward.core.outcomes import DkimOutcome, DkimSignature
-from mailward.core.transaction import Direction, Stage, Transaction, render_message
+from mailward.core.transaction import Body, Direction, Stage, Transaction, render_message
 from mailward.core.verdict import CheckResult, Result
 from mailward.services.dns import BoundResolver, DnsError
 
@@ -42,6 +50,16 @@ NAME = "dkim"
 MIN_RSA_BITS = 1024  # RFC 8301 §3.2
 ALGORITHMS = {b"rsa-sha256": (b"rsa", b"sha256"), b"ed25519-sha256": (b"ed25519", b"sha256")}
 FIELD = "DKIM-Signature"
+# Bounds on a signature field before any library parses it. A 4096-bit RSA b= is 684
+# characters and a long h= a few hundred: 8 KiB leaves room for z= and i=.
+MAX_FIELD = 8192
+MAX_WSP_RUN = 64  # folding white space is a few characters (RFC 6376 §3.2, RFC 5322 FWS)
+_WSP_RUN = re.compile(rf"\s{{{MAX_WSP_RUN + 1}}}")
+_BASE64 = re.compile(rb"[A-Za-z0-9+/]+={0,2}")
+_WSP = re.compile(rb"\s+")
+MAX_DIGITS = {b"t": 12, b"x": 12, b"l": 76}  # seconds since 1970 to year 33658; RFC 6376 l=
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -93,6 +111,13 @@ Problem = tuple[Result, str]
 
 def _signature_problem(tags: dict[bytes, bytes], now: float) -> Problem | None:
     """What makes the signature field unusable before any key or crypto, or None."""
+    for tag, digits in MAX_DIGITS.items():
+        if tag in tags and not (tags[tag].isdigit() and len(tags[tag]) <= digits):
+            return Result.NEUTRAL, f"malformed signature: {_text(tag)}= is not a number of " \
+                                   f"at most {digits} digits"
+    for tag in (b"b", b"bh"):
+        if tag in tags and not _BASE64.fullmatch(_WSP.sub(b"", tags[tag])):
+            return Result.NEUTRAL, f"malformed signature: {_text(tag)}= is not base64"
     if tags.get(b"a") == b"rsa-sha1":
         return Result.FAIL, "rsa-sha1 is not acceptable (RFC 8301)"
     try:
@@ -134,30 +159,79 @@ def _key(tags: dict[bytes, bytes], name: str, *, resolver: BoundResolver,
     return record, None
 
 
-def verify_one(message: dkimpy.DKIM, idx: int, value: str, *, resolver: BoundResolver,
-               settings: Settings, now: float) -> DkimSignature:
-    """Verify the idx-th DKIM-Signature field (value as received) of `message`."""
+class _HeaderDKIM(dkimpy.DKIM):  # type: ignore[misc]
+    """dkimpy for the header signature only: mailward verifies the body hash itself, from the
+    spool (dkimpy would canonicalize the whole body in memory, in quadratic time on some
+    input). hash_headers signs the DKIM-Signature field as received, bh= included, so the
+    header signature still covers the body hash that mailward compared."""
+
+    def verify_sig_process(self, sig: dict[bytes, bytes], include_headers: list[bytes],
+                           sig_header: tuple[bytes, bytes], dnsfunc: object) -> bool:
+        without_bh = {k: v for k, v in sig.items() if k != b"bh"}
+        return bool(super().verify_sig_process(without_bh, include_headers, sig_header,
+                                               dnsfunc))
+
+
+BodyKey = tuple[bool, str, int | None]  # relaxed, hash, l=
+
+
+def _body_key(tags: dict[bytes, bytes]) -> BodyKey:
+    body_c = tags.get(b"c", b"simple/simple").partition(b"/")[2] or b"simple"
+    limit = int(tags[b"l"]) if b"l" in tags else None
+    return body_c.strip().lower() == b"relaxed", ALGORITHMS[tags[b"a"]][1].decode(), limit
+
+
+def body_hashes(body: Body | None, keys: set[BodyKey]) -> dict[BodyKey, BodyHash]:
+    """Every body hash the signatures need, in one pass over the spooled body."""
+    hashes = {k: BodyHash(relaxed=k[0], hash_name=k[1], limit=k[2]) for k in keys}
+    if body is not None and hashes:
+        for chunk in body.chunks():
+            for h in hashes.values():
+                h.update(chunk)
+    return hashes
+
+
+@dataclass
+class _Pending:
+    """A signature that passed every check but the cryptography."""
+
+    index: int
+    sig: DkimSignature
+    tags: dict[bytes, bytes]
+    record: bytes
+
+
+def _prepare(index: int, value: str, *, resolver: BoundResolver, settings: Settings,
+             now: float) -> DkimSignature | _Pending:
+    """Everything before the body hash and the crypto: shape, tags, key."""
+    if len(value) > MAX_FIELD:
+        return DkimSignature(Result.NEUTRAL, f"signature field longer than {MAX_FIELD} "
+                                             "characters")
+    if _WSP_RUN.search(value):
+        return DkimSignature(Result.NEUTRAL, f"white space runs over {MAX_WSP_RUN} characters")
     try:
         tags = parse_tag_value(value.encode("utf-8", "surrogateescape"))
     except InvalidTagValueList as exc:
         return DkimSignature(Result.NEUTRAL, f"malformed signature: {exc}")
     sig = DkimSignature(Result.NONE, "", domain=_text(tags.get(b"d", b"")),
-                    selector=_text(tags.get(b"s", b"")), algorithm=_text(tags.get(b"a", b"")),
-                    b=_text(re.sub(rb"\s+", b"", tags.get(b"b", b""))))
+                        selector=_text(tags.get(b"s", b"")),
+                        algorithm=_text(tags.get(b"a", b"")),
+                        b=_text(_WSP.sub(b"", tags.get(b"b", b""))))
     problem = _signature_problem(tags, now)
     if problem is None:
         record, problem = _key(tags, f"{sig.selector}._domainkey.{sig.domain}",
                                resolver=resolver, settings=settings)
-    if problem is None:
-        problem = _crypto(message, idx, tags, record, settings)
-    return dataclasses.replace(sig, result=problem[0], reason=problem[1])
+    if problem is not None:
+        return dataclasses.replace(sig, result=problem[0], reason=problem[1])
+    return _Pending(index, sig, tags, record)
 
 
-def _crypto(message: dkimpy.DKIM, idx: int, tags: dict[bytes, bytes], record: bytes,
-            settings: Settings) -> Problem:
-    """Verify signature and body hash with dkimpy; then judge l=."""
+def _crypto(message: dkimpy.DKIM, p: _Pending, body: BodyHash, settings: Settings) -> Problem:
+    """The body hash (ours), then the header signature (dkimpy); then judge l=."""
+    if body.digest() != base64.b64decode(_WSP.sub(b"", p.tags[b"bh"])):
+        return Result.FAIL, "body hash mismatch"
     try:
-        ok = message.verify(idx=idx, dnsfunc=lambda *_a, **_k: record)
+        ok = message.verify(idx=p.index, dnsfunc=lambda *_a, **_k: p.record)
     except dkimpy.ValidationError as exc:
         return Result.FAIL, str(exc).split(" (")[0]
     except (dkimpy.DKIMException, ValueError, TypeError, IndexError) as exc:
@@ -165,17 +239,58 @@ def _crypto(message: dkimpy.DKIM, idx: int, tags: dict[bytes, bytes], record: by
         return Result.PERMERROR, f"cannot verify: {exc}"
     if not ok:
         return Result.FAIL, "signature did not verify"
-    if b"l" in tags and not settings.accept_partial_body:
-        policy = CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
-        length = len(policy.canonicalize_body(message.body))
-        if int(tags[b"l"]) < length:
-            return Result.POLICY, f"l= signs {int(tags[b'l'])} of {length} body bytes"
+    if body.limit is not None and not settings.accept_partial_body \
+            and body.limit < body.length:
+        return Result.POLICY, f"l= signs {body.limit} of {body.length} body bytes"
     return Result.PASS, ""
 
 
+def _contained(index: int, exc: Exception) -> DkimSignature:
+    """One signature's permerror for an exception no check anticipated (never the check's)."""
+    log.warning("dkim: signature %d: %s while verifying", index + 1, type(exc).__name__)
+    return DkimSignature(Result.PERMERROR, f"cannot verify: internal error "
+                                           f"({type(exc).__name__})")
+
+
+def header_bytes(tx: Transaction) -> bytes:
+    """The header as received, and an empty body: what dkimpy is given."""
+    return render_message(((h.name, h.value) for h in tx.headers), None)
+
+
 def message_bytes(tx: Transaction) -> bytes:
-    """The message as received, for dkimpy."""
+    """The message as received (tests and tools; the check streams the body)."""
     return render_message(((h.name, h.value) for h in tx.headers), tx.body)
+
+
+def verify_all(tx: Transaction, values: list[str], *, resolver: BoundResolver,
+               settings: Settings) -> list[DkimSignature]:
+    """Verify the first `max_signatures` signatures; the rest are `policy`."""
+    now = time.time()
+    out: list[DkimSignature | _Pending] = []
+    for i, value in enumerate(values):
+        if i >= settings.max_signatures:
+            out.append(DkimSignature(Result.POLICY, "over max_signatures: not verified"))
+            continue
+        try:
+            out.append(_prepare(i, value, resolver=resolver, settings=settings, now=now))
+        except Exception as exc:  # contained per signature, logged
+            out.append(_contained(i, exc))
+    pending = [p for p in out if isinstance(p, _Pending)]
+    if not pending:
+        return [s for s in out if isinstance(s, DkimSignature)]
+    message = _HeaderDKIM(header_bytes(tx), minkey=MIN_RSA_BITS)
+    hashes = body_hashes(tx.body, {_body_key(p.tags) for p in pending})
+    done: list[DkimSignature] = []
+    for item in out:
+        if isinstance(item, DkimSignature):
+            done.append(item)
+            continue
+        try:
+            problem = _crypto(message, item, hashes[_body_key(item.tags)], settings)
+            done.append(dataclasses.replace(item.sig, result=problem[0], reason=problem[1]))
+        except Exception as exc:  # contained per signature, logged
+            done.append(_contained(item.index, exc))
+    return done
 
 
 def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
@@ -192,12 +307,7 @@ def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
                               "message larger than max_message_size: not verified")
                 for _ in fields]
     else:
-        message = dkimpy.DKIM(message_bytes(tx), minkey=MIN_RSA_BITS)
-        now = time.time()
-        sigs = [verify_one(message, i, h.value, resolver=ctx.dns, settings=settings, now=now)
-                if i < settings.max_signatures else
-                DkimSignature(Result.POLICY, "over max_signatures: not verified")
-                for i, h in enumerate(fields)]
+        sigs = verify_all(tx, [h.value for h in fields], resolver=ctx.dns, settings=settings)
     outcome = DkimOutcome(tuple(sigs))
     results = {s.result for s in sigs}
     overall = next((r for r in (Result.PASS, Result.TEMPERROR, Result.FAIL, Result.POLICY,

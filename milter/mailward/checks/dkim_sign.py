@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 
 import dkim as dkimpy
 
-from mailward.core.addresses import author_domains
+from mailward.core.addresses import authors
 from mailward.core.check import Check, Context
 from mailward.core.ini import Section
+from mailward.core.settings import MilterSettings
 from mailward.core.transaction import Direction, Stage, Transaction, render_message
 from mailward.core.verdict import AddHeader, CheckResult, Result, apply_edits
 from mailward.services import keys as keymod
@@ -113,10 +114,11 @@ def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
     """Sign `tx` as it will leave (see the module docstring)."""
     if tx.direction not in settings.directions:
         return CheckResult(NAME, Result.NONE, reason=f"{tx.direction}: not signed")
-    domains, problem = author_domains(tx)
-    if problem:
-        return CheckResult(NAME, Result.NONE, reason=f"not signed: {problem}")
-    domain = settings.signing_domain.get(domains[0], domains[0])
+    found = authors(tx)
+    if found.problem is not None or len(found.domains) != 1:
+        why = found.reason or f"{len(found.domains)} author domains"
+        return CheckResult(NAME, Result.NONE, reason=f"not signed: {why}")
+    domain = settings.signing_domain.get(found.domains[0], found.domains[0])
     signers = [k for k in settings.loaded if k.domain == domain]
     if not signers:
         return CheckResult(NAME, Result.NONE, reason=f"no key for {domain}")
@@ -163,6 +165,15 @@ class DkimSign(Check[Settings]):
 
     def run(self, tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
         return check(tx, ctx, settings)
+
+    def config_warnings(self, settings: Settings, site: MilterSettings) -> list[str]:
+        if not site.trusted_networks or not settings.loaded:
+            return []  # without keys nothing is signed
+        nets = ", ".join(str(n) for n in site.trusted_networks)
+        return [f"[milter] trusted_networks ({nets}) with dkim_sign keys: every client in "
+                "these networks (for loopback: every local user and application) counts as "
+                "outbound and gets mail signed without authenticating; prefer SASL or an "
+                "originating service (originating_daemons)"]
 
     def setup_warnings(self, settings: Settings, resolver: Resolver) -> list[str]:
         return published_key_warnings(settings, resolver)

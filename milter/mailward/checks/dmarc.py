@@ -34,7 +34,7 @@ from typing import Any
 
 from publicsuffixlist import PublicSuffixList
 
-from mailward.core.addresses import author_domains
+from mailward.core.addresses import MAX_AUTHORS, AuthorProblem, authors, normalise_domain
 from mailward.core.check import Check, Context, Service
 from mailward.core.ini import Section
 from mailward.core.outcomes import DkimOutcome, DmarcOutcome, SpfOutcome
@@ -119,11 +119,16 @@ class Settings:
     on_temperror: Action = Action.TEMPFAIL
     on_permerror: Action = Action.ACCEPT
     on_multiple_from: Action = Action.REJECT
+    multiple_author_domains: str = "refuse"
+    max_author_domains: int = 5
+    on_malformed_from: Action = Action.REJECT
     reject_reply: Reply = Reply(550, "5.7.1", "Rejected by the DMARC policy of the sender "
                                               "domain")
     temperror_reply: Reply = Reply(451, "4.7.5", "DMARC policy lookup failed, try again later")
-    multiple_from_reply: Reply = Reply(550, "5.7.1", "Exactly one author address is required "
+    multiple_from_reply: Reply = Reply(550, "5.7.1", "Exactly one author domain is required "
                                                      "(RFC 5322 From)")
+    malformed_from_reply: Reply = Reply(550, "5.7.1", "Malformed From field: the author "
+                                                      "domain cannot be determined")
     psl: PublicSuffixList | None = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -141,11 +146,20 @@ class Settings:
             on_permerror=sec.choice("on_permerror", Action, cls.on_permerror, refusals),
             on_multiple_from=sec.choice("on_multiple_from", Action, cls.on_multiple_from,
                                         refusals),
+            multiple_author_domains=sec.option("multiple_author_domains",
+                                               cls.multiple_author_domains,
+                                               ("refuse", "strictest")),
+            max_author_domains=sec.integer("max_author_domains", cls.max_author_domains,
+                                           minimum=2, maximum=MAX_AUTHORS),
+            on_malformed_from=sec.choice("on_malformed_from", Action, cls.on_malformed_from,
+                                         refusals),
             reject_reply=sec.reply("reject_reply", str(cls.reject_reply), temporary=False),
             temperror_reply=sec.reply("temperror_reply", str(cls.temperror_reply),
                                       temporary=True),
             multiple_from_reply=sec.reply("multiple_from_reply", str(cls.multiple_from_reply),
                                           temporary=False),
+            malformed_from_reply=sec.reply("malformed_from_reply",
+                                           str(cls.malformed_from_reply), temporary=False),
             psl=PublicSuffixList() if org == "psl" else None,
         )
 
@@ -250,30 +264,56 @@ class Discovery:
 
 
 def _aligned(identifier: str, author: str, mode: str, org: Callable[[str], str]) -> bool:
-    identifier = identifier.lower().rstrip(".")
+    """Identifier alignment (§4.10.2); `identifier` is a normalised domain.
+
+    An Organizational Domain is always a suffix of its name, so an identifier outside the
+    Author Domain's Organizational Domain cannot align, and is judged without a lookup: a
+    sender cannot force a DNS failure (and a temperror) through a domain of its own.
+    """
     if identifier == author:
         return True
-    return mode == "r" and org(identifier) == org(author)
+    if mode != "r":
+        return False
+    author_org = org(author)
+    if identifier != author_org and not identifier.endswith("." + author_org):
+        return False
+    return org(identifier) == author_org
 
 
 # -- the check -------------------------------------------------------------------------------
 
-def _identifiers(ctx: Context) -> tuple[list[str], list[str], bool]:
-    """Passing SPF and DKIM domains from the earlier checks, and whether any was temperror."""
-    spf_domains: list[str] = []
-    dkim_domains: list[str] = []
-    temp = False
+@dataclass(frozen=True, slots=True)
+class Identifiers:
+    """The SPF and DKIM domains DMARC weighs: those that passed, and those whose result is
+    temperror (a retry might turn them into a pass). Names that are no valid domain are
+    left out: they can align with nothing."""
+
+    spf_pass: tuple[str, ...] = ()
+    spf_temp: tuple[str, ...] = ()
+    dkim_pass: tuple[str, ...] = ()
+    dkim_temp: tuple[str, ...] = ()
+
+
+def _identifiers(ctx: Context) -> Identifiers:
+    spf_pass: list[str] = []
+    spf_temp: list[str] = []
+    dkim_pass: list[str] = []
+    dkim_temp: list[str] = []
     spf = ctx.outcome(SpfOutcome)
     identity = spf.dmarc_identity if spf is not None else None
-    if identity is not None:
-        temp |= identity.result is Result.TEMPERROR
-        if identity.result is Result.PASS and identity.domain:
-            spf_domains.append(identity.domain)
+    if identity is not None and (domain := normalise_domain(identity.domain)):
+        if identity.result is Result.PASS:
+            spf_pass.append(domain)
+        elif identity.result is Result.TEMPERROR:
+            spf_temp.append(domain)
     dkim = ctx.outcome(DkimOutcome)
-    if dkim is not None:
-        temp |= dkim.temperror
-        dkim_domains += dkim.passing_domains
-    return spf_domains, dkim_domains, temp
+    for sig in dkim.signatures if dkim is not None else ():
+        domain = normalise_domain(sig.domain)
+        if domain and sig.result is Result.PASS:
+            dkim_pass.append(domain)
+        elif domain and sig.result is Result.TEMPERROR:
+            dkim_temp.append(domain)
+    return Identifiers(tuple(spf_pass), tuple(spf_temp), tuple(dkim_pass), tuple(dkim_temp))
 
 
 def _disposition(policy: Policy, author: str, discovery: Discovery,
@@ -291,7 +331,10 @@ def _disposition(policy: Policy, author: str, discovery: Discovery,
     published = f"{tag}={chosen}" + (" t=y" if rec.t == "y" else "") + (
         f" pct={rec.pct}" if rec.pct != 100 else "")
     applied = chosen
-    if rec.t == "y" and chosen != "none":  # one level less (§4.7 t=)
+    # t=y: one level less (§4.7); pct=0 is what t=y replaced (Appendix A.6), unless pct is
+    # honoured by sampling (RFC 7489), which gives the same for 0
+    testing = rec.t == "y" or (rec.pct == 0 and not settings.honour_pct)
+    if testing and chosen != "none":
         applied = POLICIES[POLICIES.index(chosen) - 1]
     if settings.honour_pct and rec.pct < 100 and applied != "none" \
             and random.randrange(100) >= rec.pct:  # noqa: S311 - sampling, not security
@@ -306,18 +349,14 @@ def _result(outcome: DmarcOutcome, *, action: Action = Action.ACCEPT,
                        outcome=outcome)
 
 
-def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
-    """Evaluate DMARC for `tx` (see the module docstring)."""
-    domains, problem = author_domains(tx)
-    if problem:
-        multiple = "From fields" in problem or "author addresses" in problem
-        action = settings.on_multiple_from if multiple else settings.on_permerror
-        reply = settings.multiple_from_reply if multiple else settings.reject_reply
-        return _result(DmarcOutcome(Result.PERMERROR, reason=problem), action=action,
-                       reply=reply if action is Action.REJECT else None)
-    author = domains[0]
-    discovery = Discovery(ctx.dns, settings)
-    spf, dkim, temp = _identifiers(ctx)
+def _refused(problem: str, action: Action, reply: Reply) -> CheckResult:
+    return _result(DmarcOutcome(Result.PERMERROR, reason=problem), action=action,
+                   reply=reply if action in (Action.REJECT, Action.TEMPFAIL) else None)
+
+
+def evaluate_domain(author: str, ids: Identifiers, discovery: Discovery,
+                    settings: Settings) -> CheckResult:
+    """DMARC for one Author Domain (§4.10 and §5.3)."""
     try:
         found = discovery.policy(author)
         policy = found.record.usable() if found else None
@@ -325,10 +364,15 @@ def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
             why = "no DMARC policy" if found is None else f"unusable record at {found.domain}"
             return _result(DmarcOutcome(Result.NONE, author, reason=why))
         found = Policy(found.domain, policy, found.org)
-        aligned = [f"dkim:{d}" for d in dkim if _aligned(d, author, policy.adkim,
-                                                        discovery.org)]
-        aligned += [f"spf:{d}" for d in spf if _aligned(d, author, policy.aspf,
-                                                       discovery.org)]
+        aligned = [f"dkim:{d}" for d in ids.dkim_pass
+                   if _aligned(d, author, policy.adkim, discovery.org)]
+        aligned += [f"spf:{d}" for d in ids.spf_pass
+                    if _aligned(d, author, policy.aspf, discovery.org)]
+        # only an identifier that could align may make the result temporary
+        pending = [f"dkim:{d}" for d in ids.dkim_temp
+                   if _aligned(d, author, policy.adkim, discovery.org)]
+        pending += [f"spf:{d}" for d in ids.spf_temp
+                    if _aligned(d, author, policy.aspf, discovery.org)]
         applied, published = _disposition(found, author, discovery, settings)
     except DnsError as exc:
         return _result(DmarcOutcome(Result.TEMPERROR, author, reason=str(exc)),
@@ -337,10 +381,12 @@ def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
                              tuple(aligned))
     if aligned:
         return _result(evaluated, reason=f"aligned {', '.join(aligned)}")
-    if temp:
+    if pending:
+        # a retry may pass; but where the policy would not act on a fail, nothing waits
+        action = settings.on_temperror if applied != "none" else Action.ACCEPT
         return _result(dataclasses.replace(evaluated, result=Result.TEMPERROR),
-                       action=settings.on_temperror, reply=settings.temperror_reply,
-                       reason="no aligned pass, and SPF or DKIM had a temperror")
+                       action=action, reply=settings.temperror_reply,
+                       reason=f"no aligned pass; temperror for {', '.join(pending)}")
     failed = dataclasses.replace(evaluated, result=Result.FAIL)
     reason = f"{author}: {published} at {found.domain}, applied {applied}"
     if applied == "reject":
@@ -351,6 +397,35 @@ def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
     if applied == "quarantine":
         return _result(failed, action=Action.QUARANTINE, reason=reason)
     return _result(failed, reason=reason)
+
+
+def _strictest(results: list[CheckResult]) -> CheckResult:
+    """§11.5: each Author Domain evaluated, the strictest outcome applies."""
+    worst = max(results, key=lambda r: (r.action.severity, r.result is Result.FAIL))
+    entries = tuple(e for r in results for e in r.authres)
+    return dataclasses.replace(worst, authres=entries,
+                               reason="; ".join(r.reason for r in results))
+
+
+def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
+    """Evaluate DMARC for `tx` (see the module docstring)."""
+    found = authors(tx)
+    if found.problem is AuthorProblem.MULTIPLE_FIELDS:
+        return _refused(found.reason, settings.on_multiple_from, settings.multiple_from_reply)
+    if found.problem is AuthorProblem.MALFORMED:
+        return _refused(found.reason, settings.on_malformed_from,
+                        settings.malformed_from_reply)
+    if found.problem is not None:  # no From, or none naming a domain: DMARC does not apply
+        return _refused(found.reason, settings.on_permerror, settings.reject_reply)
+    domains = found.domains
+    if len(domains) > 1 and (settings.multiple_author_domains == "refuse"
+                             or len(domains) > settings.max_author_domains):
+        return _refused(f"{len(domains)} author domains", settings.on_multiple_from,
+                        settings.multiple_from_reply)
+    discovery = Discovery(ctx.dns, settings)
+    ids = _identifiers(ctx)
+    results = [evaluate_domain(d, ids, discovery, settings) for d in domains]
+    return results[0] if len(results) == 1 else _strictest(results)
 
 
 class Dmarc(Check[Settings]):

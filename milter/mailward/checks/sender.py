@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mailward.core.addresses import author_addresses, normalise_domain
+from mailward.core.addresses import AuthorProblem, authors, normalise_domain
 from mailward.core.check import Check, Context
 from mailward.core.ini import Section
 from mailward.core.settings import MilterSettings
@@ -114,12 +114,14 @@ def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
         if tx.stage is Stage.MAIL:
             addresses = [tx.mail_from] if tx.mail_from else []
         elif tx.stage is Stage.EOM:
-            addresses = author_addresses(tx)
+            found = authors(tx)
+            if found.problem not in (None, AuthorProblem.NO_FIELD):
+                # a From we cannot read with certainty is not one this user may send
+                return _result(Result.FAIL, settings.mismatch_action, settings.mismatch_reply,
+                               f"{tx.auth_user}: {found.reason}")
+            addresses = [f"{local}@{domain}" for local, domain in found.addresses]
         else:
             return CheckResult(NAME, Result.NONE)
-        if tx.stage is Stage.EOM and tx.get_all("From") and not addresses:
-            return _result(Result.FAIL, settings.mismatch_action, settings.mismatch_reply,
-                           f"{tx.auth_user}: From has no address")
         refused = [a for a in addresses if not settings.owns(tx.auth_user, a)]
         if refused:
             return _result(Result.FAIL, settings.mismatch_action, settings.mismatch_reply,
@@ -137,7 +139,7 @@ def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
         return _result(Result.FAIL, settings.own_domain_action, settings.own_domain_reply,
                        f"unauthenticated use of {domain_of(tx.mail_from)} in MAIL FROM")
     if tx.stage is Stage.EOM:
-        spoofed = sorted({a.rpartition("@")[2] for a in author_addresses(tx)} & set(ours))
+        spoofed = sorted(set(authors(tx).domains) & set(ours))
         if spoofed:
             return _result(Result.FAIL, settings.own_domain_header_action,
                            settings.own_domain_reply,

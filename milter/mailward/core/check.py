@@ -7,7 +7,8 @@ A check is an instance of a `Check` subclass, one per check module (`CHECK`). It
 - `requires`: checks that must be in the chain before it (their outcomes are its inputs);
 - `after`: checks that, when in the chain, must run before it (`"*"`: every other check that
   does not itself name this one in `requires` or `after`);
-- `uses`: the services it is handed (`Service`).
+- `uses`: the services it is handed (`Service`);
+- `safety_edits`: its header edits protect readers and are made even in monitor mode.
 It implements `load(section) -> Settings` and `run(tx, ctx, settings) -> CheckResult`, and may
 name the rate-limit store it needs (`rate_store`), warn about settings that are valid but likely
 wrong (`config_warnings`), or check its setup against the world at start and reload
@@ -75,6 +76,9 @@ class Check(abc.ABC, Generic[S]):
     requires: ClassVar[tuple[str, ...]] = ()
     after: ClassVar[tuple[str, ...]] = ()
     uses: ClassVar[frozenset[Service]] = frozenset()
+    # header edits that protect readers (e.g. deleting forged Authentication-Results) are
+    # made in monitor mode too; a monitored check's other edits are only recorded
+    safety_edits: ClassVar[bool] = False
 
     @abc.abstractmethod
     def load(self, sec: Section) -> S:

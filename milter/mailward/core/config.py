@@ -11,6 +11,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import enum
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from mailward.core.settings import (
     MilterSettings,
     Mode,
     PolicySettings,
+    is_loopback_host,
+    is_tcp,
 )
 from mailward.core.verdict import Action
 from mailward.errors import ConfigError
@@ -86,6 +89,10 @@ def from_parser(path: str, parser: configparser.ConfigParser, registry: Registry
     metrics = MetricsSettings.load(section("metrics"))
     psec = section("policy")
     order = psec.words("checks", registry.default_order)
+    if not order:
+        raise psec.error("checks", "at least one check name (an empty chain checks nothing; "
+                         "to turn a check off, set enabled = no in its [check.NAME] section)",
+                         "")
     registry.check_order(psec, order)
     policy = PolicySettings(
         checks=order,
@@ -96,7 +103,7 @@ def from_parser(path: str, parser: configparser.ConfigParser, registry: Registry
         tempfail_reply=psec.reply("tempfail_reply", str(PolicySettings.tempfail_reply),
                                   temporary=True),
     )
-    warnings = []
+    warnings = exposure_warnings(milter, metrics)
     chain: list[Link[Any]] = []
     for check in registry:
         sec = section(f"check.{check.name}")
@@ -114,9 +121,39 @@ def from_parser(path: str, parser: configparser.ConfigParser, registry: Registry
     for s in (section("milter"), section("dns"), section("metrics"), psec):
         s.finish()
     chain.sort(key=lambda link: order.index(link.name))
+    if not chain:
+        warnings.append("[policy] checks: every listed check is disabled (enabled = no): "
+                        "mail passes unchecked")
     for link in chain:
         warnings += link.check.config_warnings(link.settings, milter)
     return Config(path, milter, dns, metrics, policy, tuple(chain), tuple(warnings))
+
+
+def exposure_warnings(milter: MilterSettings, metrics: MetricsSettings) -> list[str]:
+    """Listeners that others than the MTA and the local administrator can reach.
+
+    A TCP milter socket, even on loopback, lets any local user speak the milter protocol: have
+    messages judged as the MTA would, count against others' rate limits, and get mail signed
+    when signing keys are configured. A unix socket is limited by its mode (0660, group
+    postfix). Metrics carry no addresses, but a wildcard address publishes them to every
+    network the host is on.
+    """
+    out = []
+    if is_tcp(milter.socket):
+        host = milter.socket.partition("@")[2]
+        where = ("on loopback, so every local user" if is_loopback_host(host)
+                 else "beyond loopback, so every host that can reach it")
+        out.append(f"[milter] socket {milter.socket} is TCP {where} can connect, speak the "
+                   "milter protocol and have mail judged or signed as if it came from the "
+                   "MTA; prefer unix:/var/spool/postfix/mailward/milter.sock (mode 0660, "
+                   "group postfix)")
+    if metrics.listen is not None and ipaddress.ip_address(metrics.listen[0]).is_unspecified:
+        host, port = metrics.listen
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        out.append(f"[metrics] listen {shown} is every address of this host: the metrics "
+                   "are exposed beyond loopback; use 127.0.0.1 or ::1 unless a firewall "
+                   "protects the port")
+    return out
 
 
 def describe(config: Config) -> str:

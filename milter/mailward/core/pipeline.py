@@ -8,8 +8,12 @@ through it; nothing else runs checks.
 An exception inside a check never escapes: it becomes that check's `temperror`, with the
 check's `on_error` action (default tempfail 451 4.7.0), so no mail is lost and none slips
 through unchecked. In monitor mode a check's action and header edits are recorded as `would`
-and not carried out. A check outside its declared directions is not run; it is recorded as
-`none` ("outbound: not checked").
+and not carried out, except edits a check declares as safety edits (`authres`: forged
+fields claiming our authserv-id are deleted and ours is added in every mode).
+
+A check outside its declared directions is not run; it is recorded as `none` ("outbound: not
+checked"). A check that reads the result of one that failed internally may not refuse
+permanently on it: its reject becomes a tempfail.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mailward.core import policy
-from mailward.core.check import Context, Link
+from mailward.core.check import EVERY_OTHER, Context, Link
 from mailward.core.config import Config
 from mailward.core.nets import in_networks
 from mailward.core.settings import Mode
@@ -49,11 +53,11 @@ def classify(tx: Transaction, config: Config) -> Direction:
     return Direction.OUTBOUND
 
 
-def _monitor(result: CheckResult) -> CheckResult:
-    if result.action is Action.ACCEPT and not result.edits:
+def _monitor(result: CheckResult, *, keep_edits: bool) -> CheckResult:
+    if result.action is Action.ACCEPT and (keep_edits or not result.edits):
         return result
-    return dataclasses.replace(result, action=Action.ACCEPT, reply=None, edits=(),
-                               would=result.action)
+    return dataclasses.replace(result, action=Action.ACCEPT, reply=None,
+                               edits=result.edits if keep_edits else (), would=result.action)
 
 
 def run_link(link: Link[Any], tx: Transaction, ctx: Context) -> CheckResult:
@@ -66,13 +70,32 @@ def run_link(link: Link[Any], tx: Transaction, ctx: Context) -> CheckResult:
         log.exception("qid=%s check %s failed at %s", tx.queue_id or "-", link.name,
                       tx.stage.name.lower())
         result = CheckResult(link.name, Result.TEMPERROR, action=link.on_error,
-                             reason=f"internal error: {type(exc).__name__}")
+                             reason=f"internal error: {type(exc).__name__}",
+                             internal_error=True)
     if result.result is Result.TEMPERROR:  # DNS, Redis, a bug: an operator wants to know
         log.warning("qid=%s check %s temperror at %s, %s: %s", tx.queue_id or "-", link.name,
                     tx.stage.name.lower(), result.action, result.reason)
     if link.mode is Mode.MONITOR:
-        result = _monitor(result)
+        result = _monitor(result, keep_edits=link.check.safety_edits)
     return result
+
+
+def _inputs(link: Link[Any], before: list[CheckResult]) -> set[str]:
+    """The earlier checks whose results `link` reads."""
+    check = link.check
+    if EVERY_OTHER in check.after:
+        return {r.check for r in before}
+    return set(check.requires) | set(check.after)
+
+
+def _contain(result: CheckResult, broken: set[str], config: Config) -> CheckResult:
+    """A refusal built on the stand-in result of a check that failed internally would turn a
+    bug into a lost message: it becomes a tempfail (the sender retries)."""
+    if not broken or result.action is not Action.REJECT:
+        return result
+    return dataclasses.replace(
+        result, action=Action.TEMPFAIL, reply=config.policy.error_reply,
+        reason=f"{result.reason} (not refused: {', '.join(sorted(broken))} failed internally)")
 
 
 def evaluate(stage: Stage, tx: Transaction, snapshot: Snapshot, *,
@@ -90,6 +113,7 @@ def evaluate(stage: Stage, tx: Transaction, snapshot: Snapshot, *,
         budget = Budget(config.dns.budget)
     dns = snapshot.resolver.bind(budget)
     results: list[CheckResult] = []
+    broken: set[str] = set()
     for link in config.chain:
         if stage not in link.check.stages:
             continue
@@ -97,6 +121,9 @@ def evaluate(stage: Stage, tx: Transaction, snapshot: Snapshot, *,
         ctx = Context(site=config.milter, dns=dns, rates=snapshot.rates,
                       results=tuple(results))
         result = run_link(link, tx, ctx)
+        result = _contain(result, _inputs(link, results) & broken, config)
+        if result.internal_error:
+            broken.add(link.name)
         if observe is not None:
             observe(link.name, result, time.perf_counter() - start)
         results.append(result)

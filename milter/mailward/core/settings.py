@@ -64,13 +64,39 @@ def parse_listen(spec: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
+def is_tcp(spec: str) -> bool:
+    """Whether a (valid) libmilter socket spec is a TCP socket rather than a unix one."""
+    return spec.startswith(("inet:", "inet6:"))
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` (an address or `localhost`) is on loopback; other names count as not."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 # -- sections ---------------------------------------------------------------------------------
+
+# The smallest [milter] spool_threshold: 0 would mean "never spool" (SpooledTemporaryFile's
+# max_size=0 never rolls over), so a body of any size would stay in memory.
+MIN_SPOOL_THRESHOLD = 1024
+
 
 @dataclass(frozen=True)
 class MilterSettings:
-    """[milter]: how we talk to the MTA and what we consider ours."""
+    """[milter]: how we talk to the MTA and what we consider ours.
 
-    socket: str = "inet:8895@127.0.0.1"
+    Secure by default: a unix socket that only the MTA's group may use (see adapter/milter.py
+    `serve`), and no trusted network, so mail is outbound only when SASL-authenticated or on
+    an originating service; trusting a network (and every local user, for loopback) is an
+    explicit choice.
+    """
+
+    socket: str = "unix:/var/spool/postfix/mailward/milter.sock"
     timeout: float = 60.0
     authserv_id: str = ""
     mode: Mode = Mode.ENFORCE
@@ -92,13 +118,22 @@ class MilterSettings:
             timeout=sec.seconds("timeout", cls.timeout, maximum=3600),
             authserv_id=authserv_id,
             mode=sec.choice("mode", Mode, Mode.ENFORCE),
-            trusted_networks=sec.networks("trusted_networks", ("127.0.0.0/8", "::1/128")),
+            trusted_networks=sec.networks("trusted_networks", ()),
             originating_daemons=sec.words("originating_daemons", cls.originating_daemons),
             local_domains=sec.domains("local_domains"),
-            spool_threshold=sec.size("spool_threshold", cls.spool_threshold),
+            spool_threshold=_spool_threshold(sec),
             log_level=sec.parse("log_level", "info", "one of debug, info, warning, error",
                                 _log_level),
         )
+
+
+def _spool_threshold(sec: Section) -> int:
+    value = sec.size("spool_threshold", MilterSettings.spool_threshold)
+    if value < MIN_SPOOL_THRESHOLD:
+        raise sec.error("spool_threshold", "a size of at least 1K: bodies larger than it are "
+                        "spooled to disk, and 0 would keep every body in memory",
+                        f"{value} bytes")
+    return value
 
 
 def _hostname(raw: str) -> str:

@@ -137,6 +137,7 @@ class CheckResult:
     authres: tuple[AuthResEntry, ...] = ()
     would: Action | None = None
     outcome: object = field(default=None, compare=False)  # typed data for later checks
+    internal_error: bool = False  # the check raised: its result is a stand-in
 
 
 @dataclass(frozen=True, slots=True)

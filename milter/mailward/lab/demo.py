@@ -141,7 +141,7 @@ def main(*, keep: bool = False) -> int:
     with running_lab(config, root=root, zone=zone) as running:
         lab, mw, sink = running.postfix, running.mailward, running.sink
         print(f"  Postfix smtpd 127.0.0.1:{lab.smtp_port}, submission "
-              f"127.0.0.1:{lab.submission_port} (ORIGINATING), mailward 127.0.0.1:{mw.port}, "
+              f"127.0.0.1:{lab.submission_port} (ORIGINATING), mailward {mw.postfix_socket}, "
               f"metrics http://127.0.0.1:{mw.metrics_port}/metrics\n")
         for n, sample in enumerate(SAMPLES, 1):
             held_before = len(lab.held())

@@ -29,14 +29,16 @@ from mailward.scan import parse_message
 
 SINK_NAME = "sink.lab.test"
 
-# mailward's config in the lab; {port}, {metrics_port} and {dns_port} are filled in by
-# MailwardProcess. Mail from 127.0.0.1 counts as coming from the Internet (trusted_networks
-# is elsewhere), and DNS is the lab's own server (labdns), never the system's.
+# mailward's config in the lab; {socket}, {metrics_port} and {dns_port} are filled in by
+# MailwardProcess ({socket}: a unix socket in its directory, as in production, or TCP on
+# 127.0.0.1 when given a port). No network is trusted, so mail from 127.0.0.1 counts as coming
+# from the Internet unless it arrives on the submission port; DNS is the lab's own server
+# (labdns), never the system's.
 LAB_CONFIG = """\
 [milter]
-socket = inet:{port}@127.0.0.1
+socket = {socket}
 authserv_id = mx.lab.test
-trusted_networks = 192.0.2.0/24
+trusted_networks =
 
 [check.sender]
 # the lab relays inbound test mail to every domain on purpose
@@ -71,15 +73,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 15.0) -> None:
+def wait_for_port(port: int | Path, timeout: float = 15.0) -> None:
+    """Wait until something accepts connections on 127.0.0.1:`port` (or the unix socket)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
+            if isinstance(port, Path):
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(1)
+                    s.connect(str(port))
+                    return
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on 127.0.0.1:{port}") from None
+                where = port if isinstance(port, Path) else f"127.0.0.1:{port}"
+                raise TimeoutError(f"nothing listens on {where}") from None
             time.sleep(0.05)
 
 
@@ -226,7 +235,7 @@ class PostfixLab:
     """
 
     root: Path
-    milter_socket: str  # Postfix syntax, e.g. inet:127.0.0.1:8895
+    milter_socket: str  # Postfix syntax, e.g. unix:/path/milter.sock or inet:127.0.0.1:8895
     sink_port: int
     main_extra: dict[str, str] = field(default_factory=dict)
     submission_milter: str = ""  # another milter for the submission service only
@@ -351,7 +360,11 @@ class PostfixLab:
 
 @dataclass
 class MailwardProcess:
-    """`mailward run` as a child process with a config written for the lab."""
+    """`mailward run` as a child process with a config written for the lab.
+
+    The milter listens on TCP 127.0.0.1:`port`, or with `port = 0` on the unix socket
+    `socket_path` in `workdir` (mode 0660, group postfix: see adapter/milter.py `serve`).
+    """
 
     config_text: str
     workdir: Path
@@ -361,8 +374,18 @@ class MailwardProcess:
     proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def socket_path(self) -> Path:
+        return self.workdir / "milter.sock"
+
+    @property
+    def milter_socket(self) -> str:
+        """The socket in mailward's syntax ([milter] socket)."""
+        return f"inet:{self.port}@127.0.0.1" if self.port else f"unix:{self.socket_path}"
+
+    @property
     def postfix_socket(self) -> str:
-        return f"inet:127.0.0.1:{self.port}"
+        """The socket in Postfix's syntax (smtpd_milters)."""
+        return f"inet:127.0.0.1:{self.port}" if self.port else f"unix:{self.socket_path}"
 
     @property
     def log_path(self) -> Path:
@@ -375,8 +398,10 @@ class MailwardProcess:
         if text is not None:
             self.config_text = text
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir.chmod(0o755)  # Postfix (user postfix) must reach the socket
         self.config_path().write_text(self.config_text.format(
-            port=self.port, metrics_port=self.metrics_port, dns_port=self.dns_port))
+            socket=self.milter_socket, port=self.port, metrics_port=self.metrics_port,
+            dns_port=self.dns_port))
 
     def start(self) -> None:
         self.write()
@@ -386,7 +411,7 @@ class MailwardProcess:
                 [sys.executable, "-m", "mailward", "run", "-c", str(self.config_path())],
                 stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            wait_for_port(self.port)
+            wait_for_port(self.port or self.socket_path)
         except TimeoutError:
             self.stop()
             raise RuntimeError("mailward did not start:\n" + self.log()) from None
@@ -423,7 +448,10 @@ class Lab:
 def running_lab(config_text: str, *, root: Path | None = None, zone: str = "",
                 main_extra: dict[str, str] | None = None,
                 submission_milter: str = "") -> Iterator[Lab]:
-    """Start a DNS server (serving `zone`), sink, mailward and Postfix; stop all on exit."""
+    """Start a DNS server (serving `zone`), sink, mailward and Postfix; stop all on exit.
+
+    Postfix reaches mailward over a unix socket, as the reference configuration does.
+    """
     owned = root is None
     root = root or Path(tempfile.mkdtemp(prefix="mailward-lab-"))
     os.chmod(root, 0o755)  # noqa: S103 - Postfix (user postfix) must reach it
@@ -431,7 +459,7 @@ def running_lab(config_text: str, *, root: Path | None = None, zone: str = "",
     if zone:
         ns.load_zone(zone)
     sink = CaptureSink()
-    mw = MailwardProcess(config_text, root / "mailward", dns_port=ns.port)
+    mw = MailwardProcess(config_text, root / "mailward", port=0, dns_port=ns.port)
     lab = PostfixLab(root / "postfix", mw.postfix_socket, sink.port, main_extra or {},
                      submission_milter)
     try:

@@ -134,6 +134,11 @@ class Resolver:
         charged for its time); an exhausted budget raises `DnsTimeout` without asking.
         """
         key = (name.lower().rstrip("."), dns.rdatatype.from_text(rtype))
+        if not valid_name(key[0]):
+            # no record can exist at a name DNS cannot carry: the answer is "none", never a
+            # temporary failure a sender could provoke (RFC 7208 §4.3, RFC 6376 §6.1.2)
+            self._count(rtype, "badname", 0.0)
+            return ()
         now = self._clock()
         with self._lock:
             hit = self._cache.get(key)
@@ -208,6 +213,13 @@ class Resolver:
             self._metrics.dns_queries.labels(rtype=rtype, outcome=outcome).inc()
             if outcome != "cached":
                 self._metrics.dns_duration.labels(rtype=rtype).observe(seconds)
+
+
+def valid_name(name: str) -> bool:
+    """Can DNS carry `name` (RFC 1035 §2.3.4: labels of 1-63 octets, 253 in all, ASCII)?"""
+    if not name or len(name) > 253 or not name.isascii():
+        return False
+    return all(0 < len(label) < 64 for label in name.split("."))
 
 
 class Budget:

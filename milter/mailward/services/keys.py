@@ -1,8 +1,12 @@
 """DKIM signing keys: load and check key files, compare with DNS, generate new ones.
 
-A key file is checked when the config is loaded (start-up and reload): it must exist, be
-readable, parse, and not be readable by others (mode o+r is refused). Errors name the file,
-never its content; the key material is held out of every repr, so it cannot reach a log.
+A key file is checked when the config is loaded (start-up and reload): it must exist, be a
+regular file of at most 64 KiB (a path such as /dev/zero is refused before anything is read),
+be readable, parse, and be neither readable nor writable by others nor writable by its group
+(modes o+r, o+w and g+w are refused). Group-readable is accepted (e.g. root:mailward 0640):
+the group is how an administrator lets the unprivileged mailward user read a key it must not
+change, as OpenDKIM allows too. Errors name the file, never its content; the key material is
+held out of every repr, so it cannot reach a log.
 
 Formats, as dkimpy uses them: RSA keys in PEM (PKCS#1 or PKCS#8), ed25519 keys as the base64
 of the 32-byte seed (RFC 8463).
@@ -13,10 +17,10 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import stat
 import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import nacl.signing
 from dkim.crypto import UnparsableKeyError, parse_pem_private_key, parse_public_key
@@ -43,16 +47,46 @@ class SigningKey:
         return f"{self.domain} {self.selector} {self.path}"
 
 
-def load_key(path: str, *, domain: str, selector: str) -> SigningKey:
-    """Read and check a key file (see the module docstring)."""
+MAX_KEY_SIZE = 64 * 1024  # an RSA 4096 key in PEM is about 3.3 KB
+_UNSAFE_MODES = ((stat.S_IROTH, "readable by others"), (stat.S_IWOTH, "writable by others"),
+                 (stat.S_IWGRP, "writable by its group"))
+_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.IGNORECASE)
+
+
+def _file_type(mode: int) -> str:
+    kinds = {"d": "a directory", "c": "a character device", "b": "a block device",
+             "p": "a FIFO", "s": "a socket"}
+    return kinds.get(stat.filemode(mode)[0], "not a file")
+
+
+def _read_key_file(path: str) -> bytes:
+    """The bytes of a regular, private enough key file (see the module docstring)."""
     try:
         info = os.stat(path)
-        data = Path(path).read_bytes()
+        if not stat.S_ISREG(info.st_mode):
+            raise KeyFileError(f"{path}: not a regular file ({_file_type(info.st_mode)})")
+        # O_NONBLOCK: should the path be swapped for a FIFO after the stat, open won't hang
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        with os.fdopen(fd, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise KeyFileError(f"{path}: not a regular file ({_file_type(info.st_mode)})")
+            unsafe = [what for bit, what in _UNSAFE_MODES if info.st_mode & bit]
+            if unsafe:
+                raise KeyFileError(f"{path}: key file is {' and '.join(unsafe)} (mode "
+                                   f"{stat.S_IMODE(info.st_mode):o}); chmod 600 it (or 640 "
+                                   "for a group that only reads it)")
+            data = fh.read(MAX_KEY_SIZE + 1)
     except OSError as exc:
         raise KeyFileError(f"{path}: cannot read key file: {exc.strerror}") from None
-    if info.st_mode & stat.S_IROTH:
-        raise KeyFileError(f"{path}: key file is readable by others (mode "
-                        f"{stat.S_IMODE(info.st_mode):o}); chmod o-rwx it")
+    if len(data) > MAX_KEY_SIZE:
+        raise KeyFileError(f"{path}: larger than {MAX_KEY_SIZE // 1024} KiB, not a DKIM key")
+    return data
+
+
+def load_key(path: str, *, domain: str, selector: str) -> SigningKey:
+    """Read and check a key file (see the module docstring)."""
+    data = _read_key_file(path)
     if data.lstrip().startswith(b"-----BEGIN"):
         try:
             key = parse_pem_private_key(data)
@@ -100,9 +134,34 @@ def zone_line(key: SigningKey) -> str:
     return f"{key.selector}._domainkey.{key.domain}. IN TXT ( {chunks} )"
 
 
+def dns_name_problem(name: str) -> str:
+    """Why `name` is not a DNS name of letter-digit-hyphen labels ('' when it is one).
+
+    Domains and selectors (RFC 6376 §3.1) become file names, so this also keeps `/`, `..`
+    and leading dots out of the paths built from them.
+    """
+    if not name or len(name) > 253:
+        return "it must have 1 to 253 characters"
+    for label in name.split("."):
+        if not label:
+            return "it has an empty label (a leading, trailing or doubled dot)"
+        if not _LABEL_RE.fullmatch(label):
+            return (f"label {label!r} is not 1 to 63 letters, digits and hyphens (no hyphen "
+                    "first or last)")
+    return ""
+
+
 def generate(*, domain: str, selector: str, kind: str = "rsa", bits: int = 2048,
              directory: str = ".") -> SigningKey:
-    """Write a new private key, mode 0600, to DIRECTORY/DOMAIN.SELECTOR.key (never over one)."""
+    """Write a new private key, mode 0600, to DIRECTORY/DOMAIN.SELECTOR.key (never over one).
+
+    `domain` and `selector` must be DNS names (`dns_name_problem`); a ValueError says which
+    is not, before anything is written.
+    """
+    for what, name in (("domain", domain), ("selector", selector)):
+        problem = dns_name_problem(name)
+        if problem:
+            raise ValueError(f"{what} {name!r} is not a DNS name: {problem}")
     path = os.path.join(directory, f"{domain}.{selector}.key")
     if kind == "ed25519":
         material = base64.b64encode(bytes(nacl.signing.SigningKey.generate())) + b"\n"

@@ -35,7 +35,9 @@ class Metrics:
         self.errors = Counter("mailward_errors", "Unexpected errors, by protocol stage.",
                               ["stage"], registry=r)
         self.dns_queries = Counter("mailward_dns_queries", "DNS lookups by outcome "
-                                   "(ok, cached, nxdomain, nodata, timeout, servfail).",
+                                   "(ok, cached, nxdomain, nodata, timeout, servfail; budget: the "
+                                   "message's DNS time was used up; badname: not a DNS name, "
+                                   "never asked).",
                                    ["rtype", "outcome"], registry=r)
         self.dns_duration = Histogram(
             "mailward_dns_duration_seconds", "Time of DNS lookups that reached a server.",

@@ -14,6 +14,8 @@ unchanged (core/snapshot.py), so no sender's window starts afresh.
 from __future__ import annotations
 
 import hashlib
+import heapq
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mailward.errors import MailwardError
+
+log = logging.getLogger(__name__)
 
 
 class StoreUnavailable(MailwardError):
@@ -65,29 +69,100 @@ def _key(key: str, window: int, now: float) -> str:
     return f"mailward:rl:{digest}:{window}:{int(now // window)}"
 
 
+MAX_MEMORY_KEYS = 1_000_000  # about 90 MiB of counters when full (16-byte digests)
+
+
 class MemoryStore(_Observed):
-    """Counters in this process (the default: nothing to set up, not shared)."""
+    """Counters in this process (the default: nothing to set up, not shared).
+
+    Keys come from what senders choose (domains, logins), so both time and memory are
+    bounded. Counters live in one bucket per fixed window (window length, window number),
+    keyed by a 16-byte digest of the key, so a long login costs no more than a short one. A
+    bucket is dropped whole when its window ends (found through a heap of end times): each
+    `add` costs O(1) amortised, whatever the number of live keys.
+
+    At most `max_keys` counters are kept. When a new key would pass that, the oldest other
+    buckets go first (windows of another length, left over from a reload); if only the
+    current window is left, the new key is not stored: its count is this event alone (fail
+    open for keys first seen while full; keys already counted keep counting exactly). Each
+    such key is counted in `mailward_ratelimit_backend_errors_total` and `untracked`, and
+    the first one of each window is logged. The window's end empties the store again.
+    """
 
     spec = StoreSpec()
 
-    def __init__(self, *, metrics: Any = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, *, metrics: Any = None, clock: Callable[[], float] = time.time,
+                 max_keys: int = MAX_MEMORY_KEYS) -> None:
         super().__init__(metrics)
         self._clock = clock
+        self._max_keys = max_keys
         self._lock = threading.Lock()
-        self._counts: dict[str, tuple[float, int]] = {}  # key → (expires, count)
+        # (window, number) → digest → count, oldest bucket first (dicts keep insertion order)
+        self._buckets: dict[tuple[int, int], dict[bytes, int]] = {}
+        self._ends: list[tuple[float, int, int]] = []  # heap of (end, window, number)
+        self._size = 0  # counters in all buckets
+        self._full_logged: tuple[int, int] | None = None
+        self.untracked = 0  # keys not stored because the store was full
+
+    @property
+    def size(self) -> int:
+        """The number of counters held."""
+        return self._size
 
     def add(self, keys: Sequence[str], amount: int, window: int) -> list[int]:
         now = self._clock()
+        number = int(now // window)
+        current = (window, number)
+        digests = [hashlib.sha256(k.encode("utf-8", "surrogateescape")).digest()[:16]
+                   for k in keys]
+        dropped = []  # freed after the lock is released
         out = []
         with self._lock:
-            if len(self._counts) > 100_000:  # drop finished windows now and then
-                self._counts = {k: v for k, v in self._counts.items() if v[0] > now}
-            for key in keys:
-                name = _key(key, window, now)
-                expires, count = self._counts.get(name, ((now // window + 1) * window, 0))
-                self._counts[name] = (expires, count + amount)
+            while self._ends and self._ends[0][0] <= now:
+                _, w, n = heapq.heappop(self._ends)
+                dropped.append(self._drop((w, n)))
+            bucket = self._buckets.get(current)
+            if bucket is None:
+                bucket = self._buckets[current] = {}
+                heapq.heappush(self._ends, ((number + 1) * window, window, number))
+            for digest in digests:
+                count = bucket.get(digest)
+                if count is None and self._size >= self._max_keys:
+                    dropped += self._make_room(current)
+                    if self._size >= self._max_keys:
+                        self._refuse(current)
+                        out.append(amount)
+                        continue
+                if count is None:
+                    self._size += 1
+                    count = 0
+                bucket[digest] = count + amount
                 out.append(count + amount)
+        del dropped
         return out
+
+    def _drop(self, bucket: tuple[int, int]) -> dict[bytes, int]:
+        counters = self._buckets.pop(bucket, {})  # {} when already evicted
+        self._size -= len(counters)
+        return counters
+
+    def _make_room(self, keep: tuple[int, int]) -> list[dict[bytes, int]]:
+        """Evict whole buckets other than `keep`, oldest first, until a counter fits."""
+        dropped = []
+        for bucket in [b for b in self._buckets if b != keep]:
+            if self._size < self._max_keys:
+                break
+            dropped.append(self._drop(bucket))  # its heap entry finds nothing later
+        return dropped
+
+    def _refuse(self, bucket: tuple[int, int]) -> None:
+        self.untracked += 1
+        self._error()
+        if self._full_logged != bucket:
+            self._full_logged = bucket
+            log.warning("rate-limit store full (%d counters): keys first seen in this "
+                        "%d-second window are not counted until it ends", self._size,
+                        bucket[0])
 
 
 # KEYS: counter names; ARGV[1]: amount; ARGV[2]: seconds to keep a new counter

@@ -1,0 +1,220 @@
+"""Property tests for every parser and state machine mailward owns (issue 7's fuzz harness).
+
+Each property holds for any input: a defined result, never an exception, and (under
+`make fuzz`, MAILWARD_FUZZ=1) never more than 50 ms per input. Inputs a run ever found wrong
+are pinned with @example.
+"""
+
+from __future__ import annotations
+
+import configparser
+import re
+from typing import Any
+
+import Milter
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from mailward.checks import authres
+from mailward.checks.dmarc import parse_record
+from mailward.checks.trace import Settings as TraceSettings
+from mailward.checks.trace import _sanitise
+from mailward.core.addresses import AuthorProblem, normalise_domain, parse_authors, tokenize
+from mailward.core.bodyhash import BodyHash
+from mailward.core.check import Context
+from mailward.core.nets import PRIVATE_NETWORKS, in_networks, parse_ip
+from mailward.core.transaction import Header
+from mailward.core.verdict import AuthResEntry, Result
+from mailward.errors import ConfigError
+from mailward.services.dns import Budget
+from tests.adapter.test_milter import session
+from tests.conftest import loads, make_config, snapshot_of
+
+# text with the characters that matter to these grammars over-represented
+GRAMMAR = st.text(alphabet=st.sampled_from([*'ab.@<>,;:()[]"\\ \t\r\n=é-_1', "\x00"]),
+                  max_size=300)
+ANY_TEXT = st.one_of(GRAMMAR, st.text(max_size=300))
+LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
+DOMAIN = st.lists(LABEL, min_size=2, max_size=4).map(".".join)
+LOCAL = st.from_regex(r"[a-z0-9]+(\.[a-z0-9]+){0,2}", fullmatch=True)
+CFWS = st.sampled_from(["", " ", "\n ", "\r\n\t", "(c)", " (a (b) c) ", "(\\))"])
+
+
+@given(ANY_TEXT)
+@example("ceo@ bank.example")
+@example("(" * 60 + "a@b.example")
+def test_any_from_field_gets_a_defined_answer(value: str) -> None:
+    found = parse_authors([value])
+    assert found.problem is None or isinstance(found.problem, AuthorProblem)
+    for domain in found.domains:
+        assert normalise_domain(domain) == domain
+
+
+@given(LOCAL, DOMAIN, st.lists(CFWS, min_size=6, max_size=6), st.booleans())
+def test_cfws_anywhere_never_changes_the_author_domain(local: str, domain: str,
+                                                       gaps: list[str], angle: bool) -> None:
+    """What a reader sees: comments and folds between tokens change nothing (RFC 5322 §3.2.2)."""
+    first, rest = domain.split(".", 1)
+    spec = f"{local}{gaps[0]}@{gaps[1]}{first}{gaps[2]}.{gaps[3]}{rest}"
+    value = f"{gaps[4]}Name <{spec}>{gaps[5]}" if angle else f"{gaps[4]}{spec}{gaps[5]}"
+    assert parse_authors([value]).domains == (domain,)
+
+
+@given(ANY_TEXT)
+def test_the_tokenizer_answers_or_says_malformed(value: str) -> None:
+    try:
+        tokens = tokenize(value)
+    except ValueError:
+        return
+    assert all(isinstance(text, str) for _, text in tokens)
+
+
+@given(st.one_of(ANY_TEXT, st.builds(
+    lambda tags: "v=DMARC1; " + "; ".join(f"{k}={v}" for k, v in tags),
+    st.lists(st.tuples(st.sampled_from(["p", "sp", "np", "adkim", "aspf", "t", "psd", "pct",
+                                        "rua", "x"]), GRAMMAR), max_size=8))))
+def test_any_dmarc_record_text_parses_or_is_ignored(text: str) -> None:
+    record = parse_record(text)
+    if record is not None:
+        usable = record.usable()
+        assert usable is None or usable.p in ("none", "quarantine", "reject")
+        assert 0 <= record.pct <= 100
+
+
+@given(ANY_TEXT, st.sampled_from(["mx.example.com", "MX.Example.COM."]))
+@example('"mx.example.com"; dmarc=pass', "mx.example.com")
+def test_the_forged_results_matcher_answers_any_field(value: str, ours: str) -> None:
+    claimed = authres.authserv_id_of(value)
+    assert claimed == claimed.lower()
+    # a field that starts with our id, after any comments, is recognised
+    assert authres.authserv_id_of(f"(x) {ours} ; spf=pass") == ours.lower().rstrip(".")
+
+
+@given(ANY_TEXT, st.lists(st.tuples(st.sampled_from(["smtp", "header"]),
+                                    st.sampled_from(["mailfrom", "d", "from", "helo"]),
+                                    ANY_TEXT), max_size=4))
+def test_rendered_results_stay_one_field_whatever_the_values(reason: str,
+                                                             props: list[Any]) -> None:
+    text = authres.render("mx.example.com", (AuthResEntry("spf", Result.PASS, reason=reason,
+                                                          properties=tuple(props)),))
+    assert "\r" not in text and "\n" not in text.replace("\n\t", "")
+    assert text.isascii()
+
+
+PRIVATE = st.sampled_from(["10.1.2.3", "192.168.0.9", "172.16.5.5", "127.0.0.1", "fd00::5",
+                           "IPv6:fe80::1", "100.64.1.1"])
+
+
+@given(st.lists(st.one_of(PRIVATE, GRAMMAR, st.sampled_from(["[", "]", " from ", ":25"])),
+                max_size=12))
+@example(["::", "10.1.2.3"])  # found by make fuzz: an IPv4 inside an IPv6 literal
+def test_trace_rewriting_leaves_no_private_address(parts: list[str]) -> None:
+    value = " " + "".join(parts)
+    cfg = make_config("[check.trace]\naction = rewrite\ninternal_hosts = corp.example\n")
+    snap = snapshot_of(cfg)
+    ctx = Context(site=cfg.milter, dns=snap.resolver.bind(Budget(1)), rates=snap.rates)
+    link = next(li for li in cfg.chain if li.name == "trace")
+    assert isinstance(link.settings, TraceSettings)
+    out = _sanitise(Header("Received", value, 1), link.settings, ctx)
+    text = value if out is None else out
+    for run in re.findall(r"[A-Za-z0-9_.:-]+", text):
+        for part in (run, *run.split(":")):
+            ip = parse_ip(part)
+            assert not in_networks(ip, PRIVATE_NETWORKS), (value, text)
+
+
+INI_KEYS = st.sampled_from(["socket", "mode", "checks", "timeout", "budget", "listen",
+                            "trusted_networks", "enabled", "reject_reply", "limits", "keys",
+                            "nameservers", "spool_threshold", "bogus"])
+INI_SECTIONS = st.sampled_from(["milter", "dns", "metrics", "policy", "check.tls",
+                                "check.dmarc", "check.ratelimit", "check.spam"])
+
+
+@given(st.lists(st.tuples(INI_SECTIONS, INI_KEYS, GRAMMAR), max_size=6))
+def test_any_config_loads_or_says_why(entries: list[tuple[str, str, str]]) -> None:
+    parser = configparser.ConfigParser(interpolation=None)
+    for section, key, value in entries:
+        if not parser.has_section(section):
+            parser.add_section(section)
+        parser.set(section, key, value.replace("\r", " ").replace("\n", " "))
+    lines = []
+    for section in parser.sections():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {v}" for k, v in parser[section].items()]
+    try:
+        loads("\n".join(lines) + "\n", "fuzz.ini")
+    except ConfigError as exc:
+        assert str(exc).startswith("fuzz.ini")
+
+
+@given(st.binary(max_size=400), st.lists(st.integers(0, 400), max_size=4), st.booleans())
+def test_the_body_hash_answers_any_body(body: bytes, cuts: list[int], relaxed: bool) -> None:
+    h = BodyHash(relaxed=relaxed, hash_name="sha256")
+    start = 0
+    for cut in sorted(c for c in cuts if c <= len(body)):
+        h.update(body[start:cut])
+        start = cut
+    h.update(body[start:])
+    assert len(h.digest()) == 32
+
+
+# -- the adapter: callbacks in any order, macros missing or huge ---------------------------
+
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("helo"), ANY_TEXT),
+    st.tuples(st.just("envfrom"), ANY_TEXT),
+    st.tuples(st.just("envrcpt"), ANY_TEXT),
+    st.tuples(st.just("header"), st.tuples(st.sampled_from(["From", "DKIM-Signature",
+                                                             "Authentication-Results", "Bcc",
+                                                             "Received", "X-\u00e9"]),
+                                           ANY_TEXT)),
+    st.tuples(st.just("body"), st.binary(max_size=200)),
+    st.tuples(st.just("eom"), st.none()),
+    st.tuples(st.just("abort"), st.none()),
+    st.tuples(st.just("macro"), st.tuples(st.sampled_from(["{tls_version}", "{auth_authen}",
+                                                            "i", "{cipher}"]),
+                                          st.one_of(st.none(), ANY_TEXT,
+                                                    st.just("x" * 100_000)))),
+), max_size=25)
+CODES = {Milter.CONTINUE, Milter.ACCEPT, Milter.REJECT, Milter.TEMPFAIL, Milter.DISCARD}
+
+
+STAGES = {"helo": Milter.M_HELO, "envfrom": Milter.M_ENVFROM, "envrcpt": Milter.M_ENVRCPT,
+          "header": Milter.M_EOH, "body": Milter.M_EOH, "eom": Milter.M_EOM,
+          "abort": Milter.M_EOM}
+
+
+@given(OPS)
+@example([("eom", None), ("envrcpt", "a@b"), ("body", b"x"), ("abort", None), ("eom", None)])
+def test_callbacks_in_any_order_never_raise(ops: list[tuple[str, Any]]) -> None:
+    """An MTA (or a local client speaking the protocol) may call anything in any order."""
+    ctx, runtime = session()
+    assert ctx._connect(host="client.example", helo="client.example", ip="203.0.113.5") in CODES
+    milter = ctx._priv
+    for op, arg in ops:
+        if op == "macro":
+            name, value = arg
+            if value is None:
+                ctx._macros.pop(name, None)
+            else:
+                ctx._setsymval(name, value)
+            continue
+        ctx._stage = STAGES[op]  # what libmilter knows while a callback runs
+        try:
+            if op == "header":
+                rc = milter.header(arg[0], arg[1])
+            elif op == "body":
+                rc = milter.body(arg)
+            elif op in ("eom", "abort"):
+                rc = getattr(milter, op)()
+            else:
+                rc = getattr(milter, "hello" if op == "helo" else op)(arg)
+        finally:
+            ctx._stage = None
+        assert rc in CODES or rc == Milter.NOREPLY, (op, rc)
+    ctx._close()
+    registry = runtime.metrics.registry
+    assert registry.get_sample_value("mailward_connections_active") == 0
+    errors = [s for m in registry.collect() if m.name == "mailward_errors" for s in m.samples
+              if s.name.endswith("_total") and s.value]
+    assert not errors, errors
