@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import authres
 
 from mailward.core.addresses import normalise_domain
-from mailward.core.check import EVERY_OTHER, Check, Context
+from mailward.core.check import EVERY_OTHER, Context, ModuleCheck
 from mailward.core.ini import Section
 from mailward.core.transaction import Direction, Stage, Transaction
 from mailward.core.verdict import (
@@ -150,17 +150,11 @@ def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
     return CheckResult(NAME, Result.NONE, edits=tuple(edits))
 
 
-class AuthRes(Check[Settings]):
+class AuthRes(ModuleCheck[Settings]):
     name = NAME
     stages = frozenset({Stage.EOM})
     after = (EVERY_OTHER,)  # it reports every other check
     safety_edits = True  # forged fields go, and ours is added, in monitor mode too
 
-    def load(self, sec: Section) -> Settings:
-        return Settings.load(sec)
 
-    def run(self, tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
-        return check(tx, ctx, settings)
-
-
-CHECK = AuthRes()
+CHECK = AuthRes(Settings.load, check)

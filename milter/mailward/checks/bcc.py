@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailward.core.check import Check, Context
+from mailward.core.check import Context, ModuleCheck
 from mailward.core.ini import Section
 from mailward.core.transaction import Stage, Transaction
 from mailward.core.verdict import CheckResult, DeleteHeader, Result
@@ -44,15 +44,9 @@ def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
                        reason=f"removed {len(found)} field(s): {', '.join(names)}")
 
 
-class Bcc(Check[Settings]):
+class Bcc(ModuleCheck[Settings]):
     name = NAME
     stages = frozenset({Stage.EOM})
 
-    def load(self, sec: Section) -> Settings:
-        return Settings.load(sec)
 
-    def run(self, tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
-        return check(tx, ctx, settings)
-
-
-CHECK = Bcc()
+CHECK = Bcc(Settings.load, check)

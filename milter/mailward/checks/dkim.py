@@ -39,7 +39,7 @@ import dkim as dkimpy
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from mailward.core.bodyhash import BodyHash
-from mailward.core.check import Check, Context, Service
+from mailward.core.check import Context, ModuleCheck, Service
 from mailward.core.ini import Section
 from mailward.core.outcomes import DkimOutcome, DkimSignature
 from mailward.core.transaction import Body, Direction, Stage, Transaction, render_message
@@ -318,17 +318,11 @@ def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
                        outcome=outcome)
 
 
-class Dkim(Check[Settings]):
+class Dkim(ModuleCheck[Settings]):
     name = NAME
     stages = frozenset({Stage.EOM})
     directions = frozenset({Direction.INBOUND})
     uses = frozenset({Service.DNS})
 
-    def load(self, sec: Section) -> Settings:
-        return Settings.load(sec)
 
-    def run(self, tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
-        return check(tx, ctx, settings)
-
-
-CHECK = Dkim()
+CHECK = Dkim(Settings.load, check)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import dkim as dkimpy
 
 from mailward.core.addresses import authors
-from mailward.core.check import Check, Context
+from mailward.core.check import Context, ModuleCheck
 from mailward.core.ini import Section
 from mailward.core.settings import MilterSettings
 from mailward.core.transaction import Direction, Stage, Transaction, render_message
@@ -155,16 +155,10 @@ def published_key_warnings(settings: Settings, resolver: Resolver) -> list[str]:
     return warnings
 
 
-class DkimSign(Check[Settings]):
+class DkimSign(ModuleCheck[Settings]):
     name = NAME
     stages = frozenset({Stage.EOM})
     after = ("bcc", "trace")  # sign the header as it leaves, after their edits
-
-    def load(self, sec: Section) -> Settings:
-        return Settings.load(sec)
-
-    def run(self, tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
-        return check(tx, ctx, settings)
 
     def config_warnings(self, settings: Settings, site: MilterSettings) -> list[str]:
         if not site.trusted_networks or not settings.loaded:
@@ -179,4 +173,4 @@ class DkimSign(Check[Settings]):
         return published_key_warnings(settings, resolver)
 
 
-CHECK = DkimSign()
+CHECK = DkimSign(Settings.load, check)

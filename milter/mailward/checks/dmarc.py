@@ -35,7 +35,7 @@ from typing import Any
 from publicsuffixlist import PublicSuffixList
 
 from mailward.core.addresses import MAX_AUTHORS, AuthorProblem, authors, normalise_domain
-from mailward.core.check import Check, Context, Service
+from mailward.core.check import Context, ModuleCheck, Service
 from mailward.core.ini import Section
 from mailward.core.outcomes import DkimOutcome, DmarcOutcome, SpfOutcome
 from mailward.core.transaction import Direction, Stage, Transaction
@@ -428,18 +428,12 @@ def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
     return results[0] if len(results) == 1 else _strictest(results)
 
 
-class Dmarc(Check[Settings]):
+class Dmarc(ModuleCheck[Settings]):
     name = NAME
     stages = frozenset({Stage.EOM})
     directions = frozenset({Direction.INBOUND})
     requires = ("spf", "dkim")  # their outcomes are its inputs
     uses = frozenset({Service.DNS})
 
-    def load(self, sec: Section) -> Settings:
-        return Settings.load(sec)
 
-    def run(self, tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
-        return check(tx, ctx, settings)
-
-
-CHECK = Dmarc()
+CHECK = Dmarc(Settings.load, check)

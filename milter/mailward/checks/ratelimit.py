@@ -22,7 +22,7 @@ import importlib.util
 import ipaddress
 from dataclasses import dataclass
 
-from mailward.core.check import Check, Context, Service
+from mailward.core.check import Context, ModuleCheck, Service
 from mailward.core.ini import Section
 from mailward.core.transaction import Direction, Stage, Transaction, domain_of
 from mailward.core.verdict import Action, CheckResult, Reply, Result
@@ -137,16 +137,10 @@ def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
     return CheckResult(NAME, Result.PASS)
 
 
-class RateLimit(Check[Settings]):
+class RateLimit(ModuleCheck[Settings]):
     name = NAME
     stages = frozenset({Stage.MAIL, Stage.RCPT})
     uses = frozenset({Service.RATES})
-
-    def load(self, sec: Section) -> Settings:
-        return Settings.load(sec)
-
-    def run(self, tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
-        return check(tx, ctx, settings)
 
     def rate_store(self, settings: Settings) -> StoreSpec:
         if settings.backend == "redis":
@@ -154,4 +148,4 @@ class RateLimit(Check[Settings]):
         return StoreSpec()
 
 
-CHECK = RateLimit()
+CHECK = RateLimit(Settings.load, check)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mailward.core.addresses import AuthorProblem, authors, normalise_domain
-from mailward.core.check import Check, Context
+from mailward.core.check import Context, ModuleCheck
 from mailward.core.ini import Section
 from mailward.core.settings import MilterSettings
 from mailward.core.transaction import Direction, Stage, Transaction, domain_of
@@ -147,15 +147,9 @@ def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
     return CheckResult(NAME, Result.NONE)
 
 
-class Sender(Check[Settings]):
+class Sender(ModuleCheck[Settings]):
     name = NAME
     stages = frozenset({Stage.MAIL, Stage.RCPT, Stage.EOM})
-
-    def load(self, sec: Section) -> Settings:
-        return Settings.load(sec)
-
-    def run(self, tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
-        return check(tx, ctx, settings)
 
     def config_warnings(self, settings: Settings, site: MilterSettings) -> list[str]:
         if site.local_domains:
@@ -164,4 +158,4 @@ class Sender(Check[Settings]):
                 "own-domain rule are off"]
 
 
-CHECK = Sender()
+CHECK = Sender(Settings.load, check)

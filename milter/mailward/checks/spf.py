@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import spf as pyspf
 
-from mailward.core.check import Check, Context, Service
+from mailward.core.check import Context, ModuleCheck, Service
 from mailward.core.ini import Section
 from mailward.core.outcomes import SpfIdentity, SpfOutcome, SpfScope
 from mailward.core.transaction import Direction, Stage, Transaction, domain_of
@@ -130,17 +130,11 @@ def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
                        authres=outcome.entries(), outcome=outcome)
 
 
-class Spf(Check[Settings]):
+class Spf(ModuleCheck[Settings]):
     name = NAME
     stages = frozenset({Stage.MAIL, Stage.EOM})
     directions = frozenset({Direction.INBOUND})
     uses = frozenset({Service.DNS})
 
-    def load(self, sec: Section) -> Settings:
-        return Settings.load(sec)
 
-    def run(self, tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
-        return check(tx, ctx, settings)
-
-
-CHECK = Spf()
+CHECK = Spf(Settings.load, check)

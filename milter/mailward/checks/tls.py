@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailward.core.check import Check, Context
+from mailward.core.check import Context, ModuleCheck
 from mailward.core.ini import IPNetwork, Section
 from mailward.core.nets import in_networks
 from mailward.core.transaction import Direction, Stage, Transaction, domain_of
@@ -121,15 +121,9 @@ def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
                        reason=f"{reason} (TLS required)", authres=(entry,))
 
 
-class Tls(Check[Settings]):
+class Tls(ModuleCheck[Settings]):
     name = NAME
     stages = frozenset({Stage.MAIL, Stage.RCPT, Stage.EOM})
 
-    def load(self, sec: Section) -> Settings:
-        return Settings.load(sec)
 
-    def run(self, tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
-        return check(tx, ctx, settings)
-
-
-CHECK = Tls()
+CHECK = Tls(Settings.load, check)

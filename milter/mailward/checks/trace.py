@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mailward.core.check import Check, Context
+from mailward.core.check import Context, ModuleCheck
 from mailward.core.ini import IPNetwork, Section
 from mailward.core.nets import PRIVATE_NETWORKS, in_networks, parse_ip
 from mailward.core.transaction import Direction, Header, Stage, Transaction
@@ -118,16 +118,10 @@ def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
                        reason=f"deleted {deleted}, rewrote {len(edits) - deleted} field(s)")
 
 
-class Trace(Check[Settings]):
+class Trace(ModuleCheck[Settings]):
     name = NAME
     stages = frozenset({Stage.EOM})
     directions = frozenset({Direction.OUTBOUND})
 
-    def load(self, sec: Section) -> Settings:
-        return Settings.load(sec)
 
-    def run(self, tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
-        return check(tx, ctx, settings)
-
-
-CHECK = Trace()
+CHECK = Trace(Settings.load, check)

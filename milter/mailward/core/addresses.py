@@ -23,6 +23,7 @@ Outcomes (`Authors.problem`):
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 from mailward.core.transaction import Transaction
@@ -278,5 +279,14 @@ def parse_authors(values: list[str] | tuple[str, ...]) -> Authors:
 
 
 def authors(tx: Transaction) -> Authors:
-    """The authors of `tx` (its From fields, as received)."""
-    return parse_authors([h.value for h in tx.get_all("From")])
+    """The authors of `tx` (its From fields, as received). Several checks ask for the same
+    message; a small cache parses each From once (bounded: 128 fields of at most 8 KiB)."""
+    values = tuple(h.value for h in tx.get_all("From"))
+    if sum(len(v) for v in values) > MAX_FROM_LENGTH:
+        return parse_authors(values)  # refused by its length at once; not worth keeping
+    return _parse_cached(values)
+
+
+@functools.lru_cache(maxsize=128)
+def _parse_cached(values: tuple[str, ...]) -> Authors:
+    return parse_authors(values)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -102,6 +102,22 @@ class Check(abc.ABC, Generic[S]):
 
     def __repr__(self) -> str:
         return f"<check {self.name}>"
+
+
+class ModuleCheck(Check[S]):
+    """The usual shape: the check's module provides `Settings.load` and `check()`; the
+    subclass only declares (stages, directions, requires, …)."""
+
+    def __init__(self, load: Callable[[Section], S],
+                 run: Callable[[Transaction, Context, S], CheckResult]) -> None:
+        self._load = load
+        self._run = run
+
+    def load(self, sec: Section) -> S:
+        return self._load(sec)
+
+    def run(self, tx: Transaction, ctx: Context, settings: S) -> CheckResult:
+        return self._run(tx, ctx, settings)
 
 
 @dataclass(frozen=True, slots=True)

@@ -121,7 +121,8 @@ def evaluate(stage: Stage, tx: Transaction, snapshot: Snapshot, *,
         ctx = Context(site=config.milter, dns=dns, rates=snapshot.rates,
                       results=tuple(results))
         result = run_link(link, tx, ctx)
-        result = _contain(result, _inputs(link, results) & broken, config)
+        if broken:  # only after an internal error: the usual path does no work here
+            result = _contain(result, _inputs(link, results) & broken, config)
         if result.internal_error:
             broken.add(link.name)
         if observe is not None:
