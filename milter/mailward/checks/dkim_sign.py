@@ -7,19 +7,26 @@ the checks before this one (Bcc, trace), so the chain must list bcc and trace fi
 headers as RFC 6376 §5.4.1 suggests, with From, To, Cc, Subject, Date, Reply-To, Message-ID and
 the MIME fields over-signed (listed once more than present, so none can be added later).
 
+The body is hashed as it comes off the spool (core/bodyhash.py), once per canonicalization
+and hash: dkimpy is given the header only and the body hash, so signing a 50 MB message costs
+one spool chunk of memory, not the message several times over.
+
 Results: pass = signed (one DKIM-Signature per key); none = not outbound, no single author
 domain, or no key for it. Nothing is ever signed for a domain without a configured key.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import dkim as dkimpy
 
 from mailward.core.addresses import authors
+from mailward.core.bodyhash import BodyHash
 from mailward.core.check import Context, ModuleCheck
 from mailward.core.ini import Section
 from mailward.core.settings import MilterSettings
@@ -35,6 +42,9 @@ SIGNED = ("From", "Reply-To", "Subject", "Date", "To", "Cc", "Message-ID", "In-R
           "Content-Language", "List-Id", "List-Unsubscribe", "List-Unsubscribe-Post")
 OVERSIGNED = ("From", "Reply-To", "Subject", "Date", "To", "Cc", "Message-ID", "MIME-Version",
               "Content-Type", "Content-Transfer-Encoding")
+
+
+_HASH = {b"rsa-sha256": "sha256", b"ed25519-sha256": "sha256"}  # the algorithms keys.py loads
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,31 @@ def _include(headers: list[tuple[str, str]], settings: Settings) -> list[bytes]:
     return out
 
 
+class _StreamedDKIM(dkimpy.DKIM):  # type: ignore[misc]
+    """dkimpy signing a header whose body it never sees: `gen_header` receives the tags with
+    the body hash dkimpy computed over an empty body and swaps in ours, before the header
+    hash and the signature are computed over them."""
+
+    def __init__(self, header: bytes, body_hash: bytes) -> None:
+        super().__init__(header)
+        self._bh = base64.b64encode(body_hash)
+
+    def gen_header(self, fields: Sequence[tuple[bytes, bytes]], *args: object,
+                   **kwargs: object) -> bytes:
+        fields = [(k, self._bh if k == b"bh" else v) for k, v in fields]
+        return bytes(super().gen_header(fields, *args, **kwargs))
+
+
+def _body_hashes(tx: Transaction, relaxed: bool, hash_names: set[str]) -> dict[str, bytes]:
+    """One pass over the spooled body for every hash the keys need."""
+    hashes = {name: BodyHash(relaxed=relaxed, hash_name=name) for name in hash_names}
+    if tx.body is not None:
+        for chunk in tx.body.chunks():
+            for h in hashes.values():
+                h.update(chunk)
+    return {name: h.digest() for name, h in hashes.items()}
+
+
 def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
     """Sign `tx` as it will leave (see the module docstring)."""
     if tx.direction not in settings.directions:
@@ -124,14 +159,16 @@ def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
         return CheckResult(NAME, Result.NONE, reason=f"no key for {domain}")
     edits = tuple(e for r in ctx.results for e in r.edits)
     headers = apply_edits(tx.headers, edits)
-    message = render_message(headers, tx.body)
+    header = render_message(headers, None)
     head, body = settings.canonicalization.encode().split(b"/")
     include = _include(headers, settings)
+    hashes = _body_hashes(tx, body == b"relaxed", {_HASH[k.algorithm] for k in signers})
     added = []
     for key in signers:
-        signature = dkimpy.sign(message, key.selector.encode(), key.domain.encode(),
-                                key.material, canonicalize=(head, body),
-                                include_headers=include, signature_algorithm=key.algorithm)
+        signer = _StreamedDKIM(header, hashes[_HASH[key.algorithm]])
+        signature = signer.sign(key.selector.encode(), key.domain.encode(), key.material,
+                                canonicalize=(head, body), include_headers=include,
+                                signature_algorithm=key.algorithm)
         value = signature.decode("ascii").split(":", 1)[1].strip().replace("\r\n", "\n")
         added.append(AddHeader(FIELD, value, top=True))
     return CheckResult(NAME, Result.PASS, edits=tuple(added),
