@@ -107,7 +107,8 @@ class Captured:
 
     mail_from: str
     rcpts: list[str]
-    data: bytes
+    data: bytes  # the message, or only its header when the sink does not keep bodies
+    size: int = 0  # bytes of the whole message as received
 
     def headers(self) -> list[tuple[str, str]]:
         return parse_message(self.data)[0]
@@ -138,10 +139,14 @@ class _SinkHandler(socketserver.StreamRequestHandler):
                 self.reply("250 2.1.5 Ok")
             elif verb == b"DATA":
                 self.reply("354 End data with <CR><LF>.<CR><LF>")
-                chunks = []
-                while (chunk := self.rfile.readline()) not in (b".\r\n", b""):
-                    chunks.append(chunk[1:] if chunk.startswith(b".") else chunk)
-                self.server.store(Captured(mail_from, rcpts, b"".join(chunks)))
+                chunks, size, in_body = [], 0, False
+                while (chunk := self.rfile.readline(1 << 20)) not in (b".\r\n", b""):
+                    line = chunk[1:] if chunk.startswith(b".") else chunk
+                    size += len(line)
+                    if self.server.keep_body or not in_body:
+                        chunks.append(line)
+                    in_body = in_body or line == b"\r\n"
+                self.server.store(Captured(mail_from, rcpts, b"".join(chunks), size))
                 self.reply("250 2.0.0 Ok: captured")
             elif verb == b"RSET":
                 mail_from, rcpts = "", []
@@ -154,13 +159,15 @@ class _SinkHandler(socketserver.StreamRequestHandler):
 
 
 class CaptureSink(socketserver.ThreadingTCPServer):
-    """An SMTP server on 127.0.0.1 that keeps every message it is given."""
+    """An SMTP server on 127.0.0.1 that keeps every message it is given (with `keep_body`
+    false: only the header and the size, for benchmarks that send gigabytes)."""
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep_body: bool = True) -> None:
         super().__init__(("127.0.0.1", 0), _SinkHandler)
+        self.keep_body = keep_body
         self.messages: list[Captured] = []
         self._cond = threading.Condition()
         self.port = int(self.server_address[1])
