@@ -53,7 +53,7 @@ def test_generated_bodies_and_chunkings_match_dkimpy(relaxed: bool) -> None:
 
 
 @pytest.mark.parametrize("relaxed", [False, True])
-@pytest.mark.parametrize("unit", [b" ", b"\r\n", b" \t", b"a ", b"\r"])
+@pytest.mark.parametrize("unit", [b" ", b"\r\n", b" \t", b"a ", b"\r", b"\n\r\n", b"\r\r\n"])
 def test_cost_is_linear_in_hostile_bodies(relaxed: bool, unit: bytes) -> None:
     """10x the body costs about 10x (dkimpy's regex: ~100x on white space not ending a line)."""
 
@@ -69,4 +69,4 @@ def test_cost_is_linear_in_hostile_bodies(relaxed: bool, unit: bytes) -> None:
             best = min(best, time.perf_counter() - start)
         return best
 
-    assert cost(2_000_000) < 25 * max(cost(200_000), 1e-4)
+    assert cost(2_000_000) < 25 * max(cost(200_000), 2e-3)  # floor: scheduler noise
