@@ -138,6 +138,21 @@ def test_tampering_fails(resolver: Resolver, mutate: Any, reason: str) -> None:
     assert results(verify(raw, resolver)) == [("fail", reason)]
 
 
+def test_only_the_named_fields_count(resolver: Resolver) -> None:
+    """dkimpy is handed only the fields h= names (and the signatures): fields it does not
+    name may come and go, an added instance of a named one still breaks the signature, and
+    names match in any case."""
+    raw = sign(include_headers=[b"FROM", b"subject", b"x-absent", b"X-Folded"])
+    h = dkimpy.util.parse_tag_value(raw.split(b"\r\nFrom:")[0].split(b":", 1)[1])[b"h"]
+    assert re.sub(rb"\s", b"", h) == b"from:subject:x-absent:x-folded"  # lower-cased by dkimpy
+    extra = raw.replace(b"To: bob", b"Received: from a by b\r\nX-Other: 1\r\nTo: bob")
+    assert results(verify(extra, resolver)) == [("pass", "")]
+    absent = raw.replace(b"To: bob", b"X-Absent: added\r\nTo: bob")
+    assert results(verify(absent, resolver)) == [("fail", "signature did not verify")]
+    subject = raw.replace(b"\r\n\r\nHello", b"\r\nSubject: another\r\n\r\nHello")
+    assert results(verify(subject, resolver)) == [("fail", "signature did not verify")]
+
+
 def test_added_from_header_fails(resolver: Resolver) -> None:
     raw = sign()
     raw = raw.replace(b"To: bob", b"From: mallory@evil.example\r\nTo: bob")
