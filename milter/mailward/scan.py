@@ -80,7 +80,7 @@ def scan(snapshot: Snapshot, raw: bytes, *, client_ip: str = "", helo: str = "",
             accepted += (rcpt,)
     if not accepted:
         return ScanReport(mail, tuple(verdicts), None, str(tx.direction))
-    body = Body(threshold=config.milter.spool_threshold)
+    body = Body(threshold=config.milter.spool_threshold, directory=config.milter.spool_dir)
     try:
         body.write(body_bytes.replace(b"\n", b"\r\n"))  # as an MTA hands it over: CRLF
         eom = dataclasses.replace(tx, recipients=accepted, headers=index_headers(pairs),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import socket
+import tempfile
 from typing import Any
 
 import Milter
@@ -156,6 +157,25 @@ def test_body_is_spooled_to_disk_past_threshold() -> None:
     ctx, _ = session(runtime_cls=Spy)
     assert feed(ctx, MESSAGE.replace(b"body\n", b"x" * 10_000 + b"\n")) == Milter.ACCEPT
     assert seen == {"on_disk": True, "size": 10_001}
+
+
+def test_full_spool_disk_tempfails_at_end_of_message(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A body that cannot be spooled is never judged: 451 at end of message, one error line
+    (no traceback), no verdict. /dev/full answers every write with ENOSPC, as a full disk."""
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda **kw: open("/dev/full", "w+b"))
+    ctx, runtime = session()
+    body = b"x" * 100 + b"\n"
+    assert feed(ctx, MESSAGE.replace(b"body\n", body * 500)) == Milter.TEMPFAIL  # 4K spooled
+    assert ctx._reply == ("451", "4.7.0", "Temporary failure in message checks, try again later")
+    value = runtime.metrics.registry.get_sample_value
+    assert value("mailward_errors_total", {"stage": "body"}) == 1  # not once per chunk
+    assert value("mailward_messages_total", {"verdict": "accept"}) is None
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [r.getMessage() for r in errors] == [
+        "qid=ABC123 cannot spool the body ([Errno 28] No space left on device): message "
+        "tempfailed"]
+    assert errors[0].exc_info is None
 
 
 @pytest.mark.parametrize("tls", ["", "TLSv1.3"])

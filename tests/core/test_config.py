@@ -168,6 +168,18 @@ def test_smallest_spool_threshold_is_accepted() -> None:
     assert quiet("spool_threshold = 1K\n").milter.spool_threshold == 1024
 
 
+def test_spool_dir_is_an_existing_writable_directory(tmp_path: Path) -> None:
+    assert quiet().milter.spool_dir == ""  # the system's temporary directory
+    assert quiet(f"spool_dir = {tmp_path}\n").milter.spool_dir == str(tmp_path)
+    (tmp_path / "file").write_text("")
+    for bad in (tmp_path / "missing", tmp_path / "file", "relative/spool"):
+        with pytest.raises(ConfigError) as err:
+            quiet(f"spool_dir = {bad}\n")
+        assert ("[milter] spool_dir: expected an absolute path to an existing directory we "
+                f"may write to (empty: the system's temporary directory), got '{bad}'"
+                ) in str(err.value)
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("socket = inet:8895@127.0.0.1\n",
      "[milter] socket inet:8895@127.0.0.1 is TCP on loopback, so every local user can connect, "

@@ -199,6 +199,7 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
         self.spool: Body | None = None
         self.conn_failed = ""
         self.msg_failed = ""
+        self.spool_error = ""
         self.connected = False
 
     @property
@@ -260,15 +261,26 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
     @noreply
     @_guarded("body")
     def body(self, chunk: bytes) -> int:
+        if self.msg_failed:
+            return CONTINUE  # end of message tempfails; a part of the body is no body
         if self.spool is None:
-            self.spool = Body(threshold=self.config.milter.spool_threshold)
-        self.spool.write(chunk)
+            self.spool = Body(threshold=self.config.milter.spool_threshold,
+                              directory=self.config.milter.spool_dir)
+        try:
+            self.spool.write(chunk)
+        except OSError as exc:  # e.g. ENOSPC: the spool's disk is full (logged at eom)
+            self.runtime.metrics.errors.labels(stage="body").inc()
+            self.msg_failed = "body"
+            self.spool_error = str(exc)
         return CONTINUE
 
     @_guarded("eom")
     def eom(self) -> int:
         try:
             if self.msg_failed:
+                if self.spool_error:
+                    log.error("qid=%s cannot spool the body (%s): message tempfailed",
+                              self.getsymval("i") or self.queue_id, self.spool_error)
                 return self._reply(self.config.policy.error_reply, TEMPFAIL)
             tx = dataclasses.replace(self.tx, headers=index_headers(self.headers),
                                      body=self.spool,
@@ -303,6 +315,7 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
         self.spool = None
         self.headers = []
         self.msg_failed = ""
+        self.spool_error = ""
         self.tx = self.conn
 
     def _observe(self, check: str, result: CheckResult, seconds: float) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import os
 import socket
 from dataclasses import dataclass
 
@@ -104,6 +105,7 @@ class MilterSettings:
     originating_daemons: tuple[str, ...] = ("ORIGINATING",)
     local_domains: tuple[str, ...] = ()
     spool_threshold: int = 1024 * 1024
+    spool_dir: str = ""  # empty: the system's temporary directory (tempfile.gettempdir())
     log_level: str = "info"
 
     @classmethod
@@ -122,6 +124,9 @@ class MilterSettings:
             originating_daemons=sec.words("originating_daemons", cls.originating_daemons),
             local_domains=sec.domains("local_domains"),
             spool_threshold=_spool_threshold(sec),
+            spool_dir=sec.parse("spool_dir", "", "an absolute path to an existing directory "
+                                "we may write to (empty: the system's temporary directory)",
+                                _spool_dir),
             log_level=sec.parse("log_level", "info", "one of debug, info, warning, error",
                                 _log_level),
         )
@@ -134,6 +139,15 @@ def _spool_threshold(sec: Section) -> int:
                         "spooled to disk, and 0 would keep every body in memory",
                         f"{value} bytes")
     return value
+
+
+def _spool_dir(raw: str) -> str:
+    # checked when the config is loaded (and on reload), so a bad directory never starts
+    # and no message has to find out
+    if raw and not (os.path.isabs(raw) and os.path.isdir(raw)
+                    and os.access(raw, os.W_OK | os.X_OK)):
+        raise ValueError(raw)
+    return raw
 
 
 def _hostname(raw: str) -> str:

@@ -5,6 +5,7 @@ The adapter builds a new `Transaction` at each protocol stage; checks only read 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import ipaddress
 import tempfile
@@ -68,14 +69,23 @@ class Header:
 
 
 class Body:
-    """The message body, spooled to a temporary file once it outgrows `threshold` bytes."""
+    """The message body, spooled to a temporary file in `directory` (default: the system's
+    temporary directory) once it outgrows `threshold` bytes.
 
-    def __init__(self, *, threshold: int) -> None:
-        self._file: BinaryIO = tempfile.SpooledTemporaryFile(max_size=threshold)  # type: ignore[assignment]
+    A write that fails (a full disk: ENOSPC) raises `OSError` from `write`, never later: once
+    on disk every chunk is flushed, so no byte waits in a buffer and a body is never read
+    back shorter than it was written.
+    """
+
+    def __init__(self, *, threshold: int, directory: str | None = None) -> None:
+        self._file: BinaryIO = tempfile.SpooledTemporaryFile(  # type: ignore[assignment]
+            max_size=threshold, dir=directory or None)
         self.size = 0
 
     def write(self, chunk: bytes) -> None:
         self._file.write(chunk)
+        if self.on_disk:
+            self._file.flush()
         self.size += len(chunk)
 
     @property
@@ -89,7 +99,10 @@ class Body:
             yield chunk
 
     def close(self) -> None:
-        self._file.close()
+        # after a failed write the buffer's flush fails again; the file is closed (and, being
+        # unlinked already, gone) all the same
+        with contextlib.suppress(OSError):
+            self._file.close()
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,9 @@ class _TCPServer(socketserver.ThreadingTCPServer):
 class Nameserver:
     """Serve rrsets added with `add` or `load_zone`; `queries` logs (name, type, transport)."""
 
-    def __init__(self, *, negative_ttl: int = 60) -> None:
+    def __init__(self, *, negative_ttl: int = 60, port: int = 0) -> None:
+        """Listen on `port` (UDP and TCP), or on a port free for both when it is 0; a given
+        port lets a test stop the server and start another in its place."""
         self.rrsets: dict[tuple[dns.name.Name, int], dns.rrset.RRset] = {}
         self.drop: set[str] = set()
         # names whose queries time out unless the name has records of the asked type
@@ -68,14 +70,17 @@ class Nameserver:
                     conn.sendall(struct.pack("!H", len(reply)) + reply)
 
         # UDP and TCP on one port number: take a free UDP port, then try TCP on it
+        wanted = port
         for _ in range(50):
             udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            udp.bind(("127.0.0.1", 0))
+            udp.bind(("127.0.0.1", wanted))
             port = int(udp.getsockname()[1])
             try:
                 tcp = _TCPServer(("127.0.0.1", port), Handler)
             except OSError:
                 udp.close()
+                if wanted:
+                    raise
                 continue
             break
         else:
@@ -192,11 +197,11 @@ class Nameserver:
             except Exception:  # noqa: S112 - a malformed query gets no answer, like a real server
                 continue
             if reply is not None and self.delay > 0:
-                threading.Timer(self.delay, self._send_late, (reply, addr)).start()
+                threading.Timer(self.delay, self._send, (reply, addr)).start()
             elif reply is not None:
-                self._udp.sendto(reply, addr)
+                self._send(reply, addr)
 
-    def _send_late(self, reply: bytes, addr: tuple[str, int]) -> None:
+    def _send(self, reply: bytes, addr: tuple[str, int]) -> None:
         with contextlib.suppress(OSError):  # closed meanwhile
             self._udp.sendto(reply, addr)
 

@@ -3,7 +3,8 @@
 Everything lives under one directory: Postfix's own config, queue and data directories, its
 log (`maillog_file`), a TLS certificate made with `openssl`, mailward's config and a capture
 sink that plays the next hop. Every server listens on 127.0.0.1 only. Needs root and Debian's
-`postfix` package; nothing of the system's own Postfix is touched.
+`postfix` package; nothing of the system's own Postfix is touched. `SenderPostfix` is a second
+one, without a milter, that plays a sending MTA which retries what is refused with 4XX.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import configparser
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import socketserver
@@ -198,14 +200,8 @@ class CaptureSink(socketserver.ThreadingTCPServer):
 
 # -- the private Postfix ---------------------------------------------------------------------
 
-MASTER_CF = """\
-127.0.0.1:{smtp_port} inet n - n - - smtpd
-127.0.0.1:{submission_port} inet n - n - - smtpd
-  -o syslog_name=postfix/submission{submission_milter}
-  -o milter_macro_daemon_name=ORIGINATING
-  -o cleanup_service_name=subcleanup
-subcleanup unix n - n - 0 cleanup
-  -o header_checks=regexp:{etc}/submission_header_checks
+# The services every private Postfix here runs, after its own smtpd lines.
+SERVICES_CF = """\
 pickup    unix  n - n 60 1 pickup
 cleanup   unix  n - n -  0 cleanup
 qmgr      unix  n - n 300 1 qmgr
@@ -229,25 +225,71 @@ scache    unix  - - n -  1 scache
 postlog   unix-dgram n - n - 1 postlogd
 """
 
+MASTER_CF = """\
+127.0.0.1:{smtp_port} inet n - n - - smtpd
+127.0.0.1:{submission_port} inet n - n - - smtpd
+  -o syslog_name=postfix/submission{submission_milter}
+  -o milter_macro_daemon_name=ORIGINATING
+  -o cleanup_service_name=subcleanup
+subcleanup unix n - n - 0 cleanup
+  -o header_checks=regexp:{etc}/submission_header_checks
+""" + SERVICES_CF
 
-@dataclass
-class PostfixLab:
-    """A private Postfix under `root` relaying everything to a capture sink.
+# `status=` of a delivery attempt in a Postfix log, with the queue id and the reason
+_STATUS_RE = re.compile(r" ([0-9A-Za-z]{6,}): to=<[^>]*>.*? status=(\w+) \((.*)\)$", re.MULTILINE)
+_MESSAGE_ID_RE = re.compile(r" ([0-9A-Za-z]{6,}): message-id=(\S+)$", re.MULTILINE)
 
-    Port `smtp_port` is an MX-like service (mail from 127.0.0.1 counts as inbound in the lab's
-    mailward config); `submission_port` sets `{daemon_name}` ORIGINATING, the convention for
-    submission, so mail there is outbound; its own Received field is dropped by a
-    `header_checks` rule in a separate cleanup service. `message_drop_headers` is emptied so
-    that Bcc reaches the milter, as it does with Sendmail.
-    """
+
+def _prepare(root: Path) -> None:
+    """The directories of a private Postfix under `root`, owned as Postfix wants them."""
+    for d in ("etc", "queue", "data", "log"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o755)  # noqa: S103 - Postfix (user postfix) must reach it
+    shutil.chown(root / "queue", "root")
+    shutil.chown(root / "data", "postfix")
+
+
+def _main_cf(root: Path, *, hostname: str, relay_port: int) -> dict[str, str]:
+    """main.cf settings every private Postfix here shares: its own directories and log,
+    loopback only, no local delivery, everything relayed to 127.0.0.1:`relay_port`."""
+    return {
+        "compatibility_level": "3.6",
+        "queue_directory": str(root / "queue"),
+        "data_directory": str(root / "data"),
+        "meta_directory": "/etc/postfix",
+        "mail_owner": "postfix",
+        "setgid_group": "postdrop",
+        "myhostname": hostname,
+        "mydomain": "lab.test",
+        "mydestination": "",
+        "local_recipient_maps": "",
+        "alias_maps": "",
+        "alias_database": "",
+        "inet_interfaces": "127.0.0.1",
+        "inet_protocols": "ipv4",
+        "mynetworks": "127.0.0.0/8",
+        "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+        "relayhost": f"[127.0.0.1]:{relay_port}",
+        "smtp_tls_security_level": "none",
+        "message_size_limit": str(100 * 1024 * 1024),
+        "maillog_file": str(root / "log" / "maillog"),
+        "maillog_file_prefixes": str(root),
+        "biff": "no",
+        "delay_warning_time": "0",
+        "smtpd_banner": "$myhostname ESMTP lab",
+    }
+
+
+class _Instance:
+    """What every private Postfix here has: its directories, log, queue, start and stop."""
 
     root: Path
-    milter_socket: str  # Postfix syntax, e.g. unix:/path/milter.sock or inet:127.0.0.1:8895
-    sink_port: int
-    main_extra: dict[str, str] = field(default_factory=dict)
-    submission_milter: str = ""  # another milter for the submission service only
-    smtp_port: int = field(default_factory=free_port)
-    submission_port: int = field(default_factory=free_port)
+
+    def ports(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def write_config(self) -> None:
+        raise NotImplementedError
 
     @property
     def etc(self) -> Path:
@@ -256,73 +298,6 @@ class PostfixLab:
     @property
     def maillog(self) -> Path:
         return self.root / "log" / "maillog"
-
-    def _make_cert(self) -> None:
-        tls = self.root / "tls"
-        tls.mkdir(exist_ok=True)
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-             "-subj", "/CN=mx.lab.test", "-keyout", str(tls / "key.pem"),
-             "-out", str(tls / "cert.pem")],
-            check=True, capture_output=True)
-
-    def write_config(self) -> None:
-        r = self.root
-        for d in ("etc", "queue", "data", "log"):
-            (r / d).mkdir(parents=True, exist_ok=True)
-        os.chmod(r, 0o755)  # noqa: S103 - Postfix (user postfix) must reach it
-        shutil.chown(r / "queue", "root")
-        shutil.chown(r / "data", "postfix")
-        self._make_cert()
-        main = {
-            "compatibility_level": "3.6",
-            "queue_directory": str(r / "queue"),
-            "data_directory": str(r / "data"),
-            "meta_directory": "/etc/postfix",
-            "mail_owner": "postfix",
-            "setgid_group": "postdrop",
-            "myhostname": "mx.lab.test",
-            "mydomain": "lab.test",
-            "mydestination": "",
-            "local_recipient_maps": "",
-            "alias_maps": "",
-            "alias_database": "",
-            "inet_interfaces": "127.0.0.1",
-            "inet_protocols": "ipv4",
-            "mynetworks": "127.0.0.0/8",
-            "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
-            "relayhost": f"[127.0.0.1]:{self.sink_port}",
-            "smtp_tls_security_level": "none",
-            "smtpd_tls_security_level": "may",
-            "smtpd_tls_cert_file": str(r / "tls" / "cert.pem"),
-            "smtpd_tls_key_file": str(r / "tls" / "key.pem"),
-            "smtpd_milters": self.milter_socket,
-            "non_smtpd_milters": self.milter_socket,
-            "milter_default_action": "tempfail",
-            "milter_protocol": "6",
-            "milter_connect_timeout": "5s",
-            "milter_command_timeout": "30s",
-            "milter_content_timeout": "120s",
-            "message_drop_headers": "",
-            "message_size_limit": str(100 * 1024 * 1024),
-            "maillog_file": str(self.maillog),
-            "maillog_file_prefixes": str(r),
-            "biff": "no",
-            "delay_warning_time": "0",
-            "smtpd_banner": "$myhostname ESMTP lab",
-            # the lab's own client may claim a SASL login with XCLIENT LOGIN= (tests)
-            "smtpd_authorized_xclient_hosts": "127.0.0.1",
-        }
-        main.update(self.main_extra)
-        (self.etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in main.items()))
-        (self.etc / "master.cf").write_text(MASTER_CF.format(
-            smtp_port=self.smtp_port, submission_port=self.submission_port, etc=self.etc,
-            submission_milter=(f"\n  -o smtpd_milters={self.submission_milter}"
-                               if self.submission_milter else "")))
-        # The submission hop's own Received field (never shown to milters) is dropped by its
-        # cleanup. In production match "with ESMTPSA" (authenticated); the lab has no SASL.
-        (self.etc / "submission_header_checks").write_text(
-            r"/^Received: .*by mx\.lab\.test \(Postfix\) with E?SMTPS?A? / IGNORE" + "\n")
 
     def postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["postfix", "-c", str(self.etc), *args], capture_output=True,
@@ -335,8 +310,8 @@ class PostfixLab:
         if done.returncode != 0:
             tail = "\n".join(self.log_text().splitlines()[-5:])
             raise RuntimeError(f"postfix start failed: {done.stderr.strip()}\n{tail}")
-        wait_for_port(self.smtp_port)
-        wait_for_port(self.submission_port)
+        for port in self.ports():
+            wait_for_port(port)
 
     def stop(self) -> None:
         self.postfix("stop")
@@ -361,6 +336,116 @@ class PostfixLab:
 
     def log_text(self) -> str:
         return self.maillog.read_text(errors="replace") if self.maillog.exists() else ""
+
+    def statuses(self) -> dict[str, list[tuple[str, str]]]:
+        """Every delivery attempt in the log, by Message-ID: (status, reason) in order, e.g.
+        ("deferred", "host 127.0.0.1[127.0.0.1] said: 451 4.7.0 … (in reply to end of DATA
+        command)") then ("sent", "250 2.0.0 Ok: queued as …")."""
+        text = self.log_text()
+        ids = dict(_MESSAGE_ID_RE.findall(text))
+        out: dict[str, list[tuple[str, str]]] = {}
+        for queue_id, status, reason in _STATUS_RE.findall(text):
+            out.setdefault(ids.get(queue_id, queue_id), []).append((status, reason))
+        return out
+
+
+@dataclass
+class PostfixLab(_Instance):
+    """A private Postfix under `root` relaying everything to a capture sink.
+
+    Port `smtp_port` is an MX-like service (mail from 127.0.0.1 counts as inbound in the lab's
+    mailward config); `submission_port` sets `{daemon_name}` ORIGINATING, the convention for
+    submission, so mail there is outbound; its own Received field is dropped by a
+    `header_checks` rule in a separate cleanup service. `message_drop_headers` is emptied so
+    that Bcc reaches the milter, as it does with Sendmail.
+    """
+
+    root: Path
+    milter_socket: str  # Postfix syntax, e.g. unix:/path/milter.sock or inet:127.0.0.1:8895
+    sink_port: int
+    main_extra: dict[str, str] = field(default_factory=dict)
+    submission_milter: str = ""  # another milter for the submission service only
+    smtp_port: int = field(default_factory=free_port)
+    submission_port: int = field(default_factory=free_port)
+
+    def ports(self) -> tuple[int, ...]:
+        return self.smtp_port, self.submission_port
+
+    def _make_cert(self) -> None:
+        tls = self.root / "tls"
+        tls.mkdir(exist_ok=True)
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", "/CN=mx.lab.test", "-keyout", str(tls / "key.pem"),
+             "-out", str(tls / "cert.pem")],
+            check=True, capture_output=True)
+
+    def write_config(self) -> None:
+        r = self.root
+        _prepare(r)
+        self._make_cert()
+        main = _main_cf(r, hostname="mx.lab.test", relay_port=self.sink_port) | {
+            "smtpd_tls_security_level": "may",
+            "smtpd_tls_cert_file": str(r / "tls" / "cert.pem"),
+            "smtpd_tls_key_file": str(r / "tls" / "key.pem"),
+            "smtpd_milters": self.milter_socket,
+            "non_smtpd_milters": self.milter_socket,
+            "milter_default_action": "tempfail",
+            "milter_protocol": "6",
+            "milter_connect_timeout": "5s",
+            "milter_command_timeout": "30s",
+            "milter_content_timeout": "120s",
+            "message_drop_headers": "",
+            # the lab's own client may claim a SASL login with XCLIENT LOGIN= (tests)
+            "smtpd_authorized_xclient_hosts": "127.0.0.1",
+        }
+        main.update(self.main_extra)
+        (self.etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in main.items()))
+        (self.etc / "master.cf").write_text(MASTER_CF.format(
+            smtp_port=self.smtp_port, submission_port=self.submission_port, etc=self.etc,
+            submission_milter=(f"\n  -o smtpd_milters={self.submission_milter}"
+                               if self.submission_milter else "")))
+        # The submission hop's own Received field (never shown to milters) is dropped by its
+        # cleanup. In production match "with ESMTPSA" (authenticated); the lab has no SASL.
+        (self.etc / "submission_header_checks").write_text(
+            r"/^Received: .*by mx\.lab\.test \(Postfix\) with E?SMTPS?A? / IGNORE" + "\n")
+
+
+@dataclass
+class SenderPostfix(_Instance):
+    """A second private Postfix, without a milter, that plays a sending MTA on the Internet:
+    it accepts mail on 127.0.0.1:`smtp_port` and relays all of it to 127.0.0.1:`relay_port`
+    (the lab's MX) in one SMTP session per message, keeping what is refused with 4XX in its
+    queue and retrying a second or two later (a real MTA waits minutes). Its log tells each
+    message's fate: `statuses()`.
+    """
+
+    root: Path
+    relay_port: int
+    smtp_port: int = field(default_factory=free_port)
+
+    def ports(self) -> tuple[int, ...]:
+        return (self.smtp_port,)
+
+    def write_config(self) -> None:
+        _prepare(self.root)
+        main = _main_cf(self.root, hostname="sender.lab.test", relay_port=self.relay_port) | {
+            "syslog_name": "postfix-sender",
+            "queue_run_delay": "1s",
+            # Not 1s: qmgr takes a deferred file once it is at most 1 s in the future, so a
+            # message deferred with 1s may be picked up again while its smtp process still
+            # holds the file's lock, and a locked file is set aside for 60 s
+            # (qmgr_active.c, QMGR_MESSAGE_LOCKED). 2s retries it 1 to 2 s later.
+            "minimal_backoff_time": "2s",
+            "maximal_backoff_time": "3s",
+            "smtp_connect_timeout": "5s",
+            # one SMTP session per delivery: a cached session would keep what the lab's smtpd
+            # knew when it opened (a milter that was down, a config since reloaded)
+            "smtp_connection_cache_on_demand": "no",
+        }
+        (self.etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in main.items()))
+        (self.etc / "master.cf").write_text(
+            f"127.0.0.1:{self.smtp_port} inet n - n - - smtpd\n" + SERVICES_CF)
 
 
 # -- mailward as a subprocess ----------------------------------------------------------------
@@ -436,6 +521,13 @@ class MailwardProcess:
         rc = self.proc.returncode
         self.proc = None
         return rc
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no clean-up, connections cut mid-transaction."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
