@@ -9,7 +9,7 @@ DEB_LAB = postfix openssl
 # systemd-analyze to check the unit file.
 DEB_TEST = redis-server systemd
 
-.PHONY: demo test lint deps test-deps venv clean fuzz bench-memory soak
+.PHONY: demo test lint deps test-deps venv clean fuzz bench-memory soak bench
 
 deps:
 	sh packaging/debian-deps.sh $(DEB_BUILD) $(DEB_LAB)
@@ -56,6 +56,15 @@ soak: test-deps
 bench-memory: deps
 	$(MAKE) venv
 	$(VENV)/bin/python bench/memory.py -c 100 --mb 20
+
+# Run by hand: mailward against OpenDKIM + OpenDMARC, a null pymilter milter and no milter,
+# through private Postfix instances with smtp-source and smtp-sink (issue 9). bench/README.md
+# says what is measured. About 4 minutes; BENCH_ARGS=--quick for a smoke run of one.
+DEB_BENCH = opendkim opendkim-tools opendmarc postfix iproute2
+bench: deps
+	sh packaging/debian-deps.sh $(DEB_BENCH)
+	$(MAKE) venv
+	$(VENV)/bin/python bench/peers.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info milter/*.egg-info .pytest_cache .mypy_cache .ruff_cache
