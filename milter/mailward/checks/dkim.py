@@ -47,7 +47,10 @@ from mailward.core.ini import Section
 from mailward.core.outcomes import DkimOutcome, DkimSignature
 from mailward.core.transaction import Body, Direction, Stage, Transaction, render_message
 from mailward.core.verdict import CheckResult, Result
+from mailward.services import dkimcrypto
 from mailward.services.dns import BoundResolver, DnsError
+
+dkimcrypto.install()  # dkimpy's RSA through OpenSSL (services/dkimcrypto.py)
 
 NAME = "dkim"
 MIN_RSA_BITS = 1024  # RFC 8301 §3.2

@@ -32,8 +32,11 @@ from mailward.core.ini import Section
 from mailward.core.settings import MilterSettings
 from mailward.core.transaction import Direction, Stage, Transaction, render_message
 from mailward.core.verdict import AddHeader, CheckResult, Result, apply_edits
+from mailward.services import dkimcrypto
 from mailward.services import keys as keymod
 from mailward.services.dns import DnsError, Resolver
+
+dkimcrypto.install()  # dkimpy's RSA through OpenSSL (services/dkimcrypto.py)
 
 NAME = "dkim_sign"
 FIELD = "DKIM-Signature"
