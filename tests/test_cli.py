@@ -50,14 +50,14 @@ def test_scan_json(files: tuple[Path, Path], capsys: pytest.CaptureFixture[str])
     final = data["final"]
     assert final["action"] == "accept"
     assert {r["check"]: r["result"] for r in final["results"]} == {
-        "tls": "pass", "sender": "none", "spf": "pass", "dkim": "none", "dmarc": "none",
-        "bcc": "pass", "trace": "none", "dkim_sign": "none", "authres": "pass"}
+        "tls": "pass", "sender": "none", "spf": "pass", "dkim": "none", "arc": "none",
+        "dmarc": "none", "bcc": "pass", "trace": "none", "dkim_sign": "none", "authres": "pass"}
     assert final["header_edits"] == [
         {"op": "delete", "name": "Authentication-Results", "index": 1},
         {"op": "delete", "name": "Bcc", "index": 1},
         {"op": "insert", "name": "Authentication-Results",
          "value": "mx.example.com;\n\tx-tls=pass smtp.version=TLSv1.3;\n"
-                  "\tspf=pass smtp.mailfrom=a@example.org;\n\tdkim=none;\n"
+                  "\tspf=pass smtp.mailfrom=a@example.org;\n\tdkim=none;\n\tarc=none;\n"
                   "\tdmarc=none header.from=example.org"},
     ]
 

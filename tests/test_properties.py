@@ -15,15 +15,16 @@ import Milter
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from mailward.checks import authres
+from mailward.checks import arc, authres
 from mailward.checks.dmarc import parse_record
 from mailward.checks.trace import Settings as TraceSettings
 from mailward.checks.trace import _sanitise
+from mailward.core import authresults
 from mailward.core.addresses import AuthorProblem, normalise_domain, parse_authors, tokenize
 from mailward.core.bodyhash import BodyHash
 from mailward.core.check import Context
 from mailward.core.nets import PRIVATE_NETWORKS, in_networks, parse_ip
-from mailward.core.transaction import Header
+from mailward.core.transaction import Header, index_headers
 from mailward.core.verdict import AuthResEntry, Result
 from mailward.errors import ConfigError
 from mailward.services.dns import Budget
@@ -101,6 +102,73 @@ def test_rendered_results_stay_one_field_whatever_the_values(reason: str,
     assert text.isascii()
 
 
+@given(ANY_TEXT)
+@example("x; spf=pass (" + "(" * 600)
+@example('"a\\"b"@c.example; dkim=pass header.i="x y"@d.example')
+def test_any_authentication_results_value_gets_a_defined_answer(value: str) -> None:
+    """The ARC parsers (issue 10): an answer for any value, never an exception."""
+    got = authresults.parse(value)
+    if got is not None:
+        for info in got.results:
+            assert info.method == info.method.lower() and info.result == info.result.lower()
+            assert "\r" not in info.text and "\n" not in info.text
+            assert all(k == k.lower() and "." in k for k, _ in info.properties)
+    instance = authresults.aar_instance(value)
+    assert instance is None or 0 <= instance <= 99
+    aar = authresults.parse_aar(value)
+    assert aar is None or aar[0] == instance
+
+
+@given(st.lists(st.tuples(st.sampled_from(["spf", "dkim", "dmarc", "arc"]),
+                          st.sampled_from(list(Result)), ANY_TEXT, ANY_TEXT,
+                          st.lists(st.tuples(st.sampled_from(["smtp", "header", "policy"]),
+                                             st.sampled_from(["mailfrom", "d", "from", "helo",
+                                                              "remote-ip", "oldest-pass"]),
+                                             ANY_TEXT), max_size=3)),
+                min_size=1, max_size=4))
+def test_what_we_render_our_parser_reads_back(entries: list[Any]) -> None:
+    """Every Authentication-Results we write reads back, one result per entry: what ARC
+    sealing copies into an ARC-Authentication-Results is never lost."""
+    rendered = authres.render("mx.example.com", tuple(
+        AuthResEntry(method, result, reason=reason, comment=comment,
+                     properties=tuple(props)) for method, result, reason, comment, props
+        in entries))
+    got = authresults.parse(rendered)
+    assert got is not None and got.authserv_id == "mx.example.com"
+    assert [(r.method, r.result) for r in got.results] == [(m, str(r)) for m, r, *_ in entries]
+
+
+ARC_FIELD = st.tuples(st.sampled_from(["ARC-Seal", "ARC-Message-Signature",
+                                       "ARC-Authentication-Results", "arc-seal"]),
+                      st.one_of(ANY_TEXT, st.builds(
+                          lambda i, rest: f"i={i}; {rest}",
+                          st.sampled_from(["1", "2", "0", "51", "01", " 1", "x"]), GRAMMAR),
+                          st.builds(lambda i, cv: f"i={i}; a=rsa-sha256; cv={cv}; d=x; s=y; "
+                                                  "b=AAAA; bh=AAAA; h=from",
+                                    st.sampled_from(["1", "2", "3"]),
+                                    st.sampled_from(["none", "pass", "fail", "x"]))))
+
+
+@given(st.lists(ARC_FIELD, max_size=12))
+@example([("ARC-Seal", "i=1; a=rsa-sha256; cv=none; d=x; s=y; b=AAAA"),
+          ("ARC-Message-Signature", "i=1; a=rsa-sha256; d=x; s=y; b=AAAA; bh=AAAA; h=from"),
+          ("ARC-Authentication-Results", "i=1; x; none")])
+def test_any_arc_fields_give_a_chain_or_a_reason(fields: list[tuple[str, str]]) -> None:
+    """The ARC structure readers (RFC 8617 §5.2 steps 1-3) answer any set of fields with the
+    sets or a reason, never another exception."""
+    headers = index_headers([(n, " " + v) for n, v in fields])
+    try:
+        sets = arc.read_sets(headers)
+        for s in sets:
+            arc._validate_tags(s)
+        arc._cv(sets)
+    except arc.Broken as exc:
+        assert str(exc)
+        return
+    assert [s.instance for s in sets] == list(range(1, len(sets) + 1))
+    assert all(len(s.fields) == 3 for s in sets)
+
+
 PRIVATE = st.sampled_from(["10.1.2.3", "192.168.0.9", "172.16.5.5", "127.0.0.1", "fd00::5",
                            "IPv6:fe80::1", "100.64.1.1"])
 
@@ -166,7 +234,10 @@ OPS = st.lists(st.one_of(
     st.tuples(st.just("envrcpt"), ANY_TEXT),
     st.tuples(st.just("header"), st.tuples(st.sampled_from(["From", "DKIM-Signature",
                                                              "Authentication-Results", "Bcc",
-                                                             "Received", "X-\u00e9"]),
+                                                             "Received", "X-\u00e9",
+                                                             "ARC-Seal",
+                                                             "ARC-Message-Signature",
+                                                             "ARC-Authentication-Results"]),
                                            ANY_TEXT)),
     st.tuples(st.just("body"), st.binary(max_size=200)),
     st.tuples(st.just("eom"), st.none()),

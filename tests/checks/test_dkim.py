@@ -18,8 +18,8 @@ import dns.rdtypes.ANY.TXT
 import nacl.signing
 import pytest
 
-from mailward.checks import dkim as dkim_check
-from mailward.checks.dkim import message_bytes
+from mailward.core import dkimglue
+from mailward.core.dkimglue import message_bytes
 from mailward.core.transaction import Body, Stage, Transaction, index_headers
 from mailward.core.verdict import CheckResult, Result
 from mailward.lab.dns import Nameserver
@@ -308,7 +308,7 @@ def test_a_library_exception_is_that_signatures_permerror(resolver: Resolver,
                                                            monkeypatch: pytest.MonkeyPatch
                                                            ) -> None:
     """Whatever dkimpy raises for one signature stays with it (a stand-in for a bug)."""
-    real = dkim_check._HeaderDKIM.verify_sig_process
+    real = dkimglue.HeaderDKIM.verify_sig_process
     calls = []
 
     def flaky(self: Any, sig: dict[bytes, bytes], *a: Any) -> bool:
@@ -317,7 +317,7 @@ def test_a_library_exception_is_that_signatures_permerror(resolver: Resolver,
             raise RuntimeError("a library bug")
         return real(self, sig, *a)
 
-    monkeypatch.setattr(dkim_check._HeaderDKIM, "verify_sig_process", flaky)
+    monkeypatch.setattr(dkimglue.HeaderDKIM, "verify_sig_process", flaky)
     raw = sign(sign(), selector="ed", key=ed25519_key()[0],
                signature_algorithm=b"ed25519-sha256")
     r = verify(raw, resolver)

@@ -39,7 +39,8 @@ SHAPES: dict[str, Callable[[int], str]] = {
     "addresses": lambda n: "a@b.example, " * (n // 13),
 }
 FIELDS = ("From", "DKIM-Signature", "Authentication-Results", "Received", "Subject",
-          "Bcc", "X-Originating-IP", "To", "Message-ID")
+          "Bcc", "X-Originating-IP", "To", "Message-ID", "ARC-Seal", "ARC-Message-Signature",
+          "ARC-Authentication-Results")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def chains(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Snapshot]:
     server.load_zone('x.example. TXT "v=spf1 -all"\n_dmarc.x.example. TXT "v=DMARC1; p=reject"\n'
                      's._domainkey.x.example. TXT "v=DKIM1; p=MFwwDQYJKoZIhvcNAQEBBQADSwAw"\n')
     base = (f"[dns]\nnameservers = 127.0.0.1:{server.port}\ntimeout = 0.5\nlifetime = 0.5\n"
-            "budget = 1\n[policy]\nchecks = tls, sender, ratelimit, spf, dkim, dmarc, bcc, "
+            "budget = 1\n[policy]\nchecks = tls, sender, ratelimit, spf, dkim, arc, dmarc, bcc, "
             "trace, dkim_sign, authres\n[check.trace]\ninternal_hosts = corp.example\n")
     return {"inbound": snapshot_of(make_config(base)),
             "outbound": snapshot_of(make_config(base))}

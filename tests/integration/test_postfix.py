@@ -47,6 +47,7 @@ def test_clean_message_over_tls_gets_our_authentication_results(harness: Harness
                         r"\tspf=none smtp\.helo=client\.example\.org;\n"
                         r"\tspf=pass smtp\.mailfrom=alice@example\.org;\n"
                         r"\tdkim=none;\n"
+                        r"\tarc=none;\n"
                         r"\tdmarc=pass header\.from=example\.org policy\.dmarc=reject", ar), ar
     # header values arrive byte-exact (SMFIP_HDR_LEADSPC), folds included
     assert dict(headers)["Subject"] == "  two  spaces "

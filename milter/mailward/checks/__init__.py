@@ -10,6 +10,7 @@ loader; the core never imports a check.
 """
 
 from mailward.checks import (
+    arc,
     authres,
     bcc,
     dkim,
@@ -29,6 +30,7 @@ REGISTRY = Registry((
     ratelimit.CHECK,
     spf.CHECK,
     dkim.CHECK,
+    arc.CHECK,
     dmarc.CHECK,
     bcc.CHECK,
     trace.CHECK,

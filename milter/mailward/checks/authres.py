@@ -119,6 +119,12 @@ def _reason(text: str) -> str | None:
     return safe_text(text).replace("@", " at ") or None
 
 
+def _comment(text: str) -> str | None:
+    """A comment after the result: printable ASCII without parentheses or backslashes, so
+    it cannot end early or swallow what follows (RFC 5322 §3.2.2 ctext)."""
+    return re.sub(r"[()\\]", "", safe_text(text)).strip() or None
+
+
 def render(authserv_id: str, entries: tuple[AuthResEntry, ...]) -> str:
     """The field value (without leading space), folded one result per line."""
     if not entries:
@@ -129,7 +135,7 @@ def render(authserv_id: str, entries: tuple[AuthResEntry, ...]) -> str:
         props = [authres.AuthenticationResultProperty(ptype, prop, value)
                  for ptype, prop, value in values if value]
         result = authres.AuthenticationResult(
-            method=e.method, result=str(e.result),
+            method=e.method, result=str(e.result), result_comment=_comment(e.comment),
             reason=_reason(e.reason), properties=props)
         parts.append(str(result))
     return f"{authserv_id};\n\t" + ";\n\t".join(parts)

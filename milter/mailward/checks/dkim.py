@@ -29,13 +29,9 @@ The check itself never refuses mail: DKIM feeds DMARC. Inbound mail only.
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
-import functools
 import logging
-import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import dkim as dkimpy
@@ -43,9 +39,22 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 
 from mailward.core.bodyhash import BodyHash
 from mailward.core.check import Context, ModuleCheck, Service
+from mailward.core.dkimglue import (
+    ALGORITHMS,
+    MIN_RSA_BITS,
+    WSP,
+    HeaderDKIM,
+    body_hashes,
+    body_key,
+    header_bytes,
+    judge_key,
+    shape_problem,
+    tag_problem,
+    text,
+)
 from mailward.core.ini import Section
 from mailward.core.outcomes import DkimOutcome, DkimSignature
-from mailward.core.transaction import Body, Direction, Stage, Transaction, render_message
+from mailward.core.transaction import Direction, Stage, Transaction
 from mailward.core.verdict import CheckResult, Result
 from mailward.services import dkimcrypto
 from mailward.services.dns import BoundResolver, DnsError
@@ -53,17 +62,7 @@ from mailward.services.dns import BoundResolver, DnsError
 dkimcrypto.install()  # dkimpy's RSA through OpenSSL (services/dkimcrypto.py)
 
 NAME = "dkim"
-MIN_RSA_BITS = 1024  # RFC 8301 §3.2
-ALGORITHMS = {b"rsa-sha256": (b"rsa", b"sha256"), b"ed25519-sha256": (b"ed25519", b"sha256")}
 FIELD = "DKIM-Signature"
-# Bounds on a signature field before any library parses it. A 4096-bit RSA b= is 684
-# characters and a long h= a few hundred: 8 KiB leaves room for z= and i=.
-MAX_FIELD = 8192
-MAX_WSP_RUN = 64  # folding white space is a few characters (RFC 6376 §3.2, RFC 5322 FWS)
-_WSP_RUN = re.compile(rf"\s{{{MAX_WSP_RUN + 1}}}")
-_BASE64 = re.compile(rb"[A-Za-z0-9+/]+={0,2}")
-_WSP = re.compile(rb"\s+")
-MAX_DIGITS = {b"t": 12, b"x": 12, b"l": 76}  # seconds since 1970 to year 33658; RFC 6376 l=
 
 log = logging.getLogger(__name__)
 
@@ -89,41 +88,14 @@ class Settings:
         )
 
 
-def _text(value: bytes) -> str:
-    return value.decode("ascii", "replace")
-
-
-def _key_problem(tags: dict[bytes, bytes], key: dict[bytes, bytes]) -> str:
-    """Why the key record cannot verify this signature (RFC 6376 §3.6.1), or ''."""
-    if not re.sub(rb"\s+", b"", key.get(b"p", b"")):
-        return "key revoked (empty p=)"
-    if key.get(b"v", b"DKIM1") != b"DKIM1":
-        return "key record v= is not DKIM1"
-    key_type, hash_name = ALGORITHMS[tags[b"a"]]
-    if key.get(b"k", b"rsa").strip().lower() != key_type:
-        return f"key type {_text(key.get(b'k', b'rsa'))} does not match a={_text(tags[b'a'])}"
-    if b"h" in key and hash_name not in [h.strip().lower() for h in key[b"h"].split(b":")]:
-        return f"key h={_text(key[b'h'])} does not allow {_text(hash_name)}"
-    flags = [f.strip() for f in key.get(b"t", b"").split(b":")]
-    if b"s" in flags and b"i" in tags:
-        i_domain = tags[b"i"].rpartition(b"@")[2].lower().rstrip(b".")
-        if i_domain != tags[b"d"].lower().rstrip(b"."):
-            return "key t=s forbids an i= below d="
-    return ""
-
-
 Problem = tuple[Result, str]
 
 
 def _signature_problem(tags: dict[bytes, bytes], now: float) -> Problem | None:
     """What makes the signature field unusable before any key or crypto, or None."""
-    for tag, digits in MAX_DIGITS.items():
-        if tag in tags and not (tags[tag].isdigit() and len(tags[tag]) <= digits):
-            return Result.NEUTRAL, f"malformed signature: {_text(tag)}= is not a number of " \
-                                   f"at most {digits} digits"
-    for tag in (b"b", b"bh"):
-        if tag in tags and not _BASE64.fullmatch(_WSP.sub(b"", tags[tag])):
-            return Result.NEUTRAL, f"malformed signature: {_text(tag)}= is not base64"
+    malformed = tag_problem(tags)
+    if malformed:
+        return Result.NEUTRAL, malformed
     if tags.get(b"a") == b"rsa-sha1":
         return Result.FAIL, "rsa-sha1 is not acceptable (RFC 8301)"
     try:
@@ -133,7 +105,7 @@ def _signature_problem(tags: dict[bytes, bytes], now: float) -> Problem | None:
         if b"x" not in tags or not str(exc).startswith("x= value is past"):
             return Result.NEUTRAL, f"malformed signature: {exc}"
     if tags[b"a"] not in ALGORITHMS:
-        return Result.NEUTRAL, f"unknown algorithm {_text(tags[b'a'])}"
+        return Result.NEUTRAL, f"unknown algorithm {text(tags[b'a'])}"
     if b"from" not in [h.strip().lower() for h in tags[b"h"].split(b":")]:
         return Result.PERMERROR, "h= does not sign From (RFC 6376 §5.4)"
     if b"x" in tags and int(tags[b"x"]) < now:
@@ -150,67 +122,14 @@ def _key(tags: dict[bytes, bytes], name: str, *, resolver: BoundResolver,
         return b"", (Result.TEMPERROR, f"key lookup failed: {exc}")
     if record is None:
         return b"", (Result.PERMERROR, f"no key at {name}")
-    try:
-        problem = _key_problem(tags, parse_tag_value(record))
-        if problem:
-            return record, (Result.PERMERROR, problem)
-        _, bits, _, _ = _evaluate_pk(name.encode() + b".", record)
-    except (InvalidTagValueList, dkimpy.DKIMException, ValueError) as exc:
-        # dkimpy lets binascii.Error (a ValueError) out of evaluate_pk for bad base64
-        return record, (Result.PERMERROR, f"malformed key record: {exc}")
+    bits, problem = judge_key(tags, name, record)
+    if problem:
+        return record, (Result.PERMERROR, problem)
     if tags[b"a"].startswith(b"rsa") and bits < MIN_RSA_BITS:
         return record, (Result.FAIL, f"RSA key of {bits} bits (RFC 8301)")
     if tags[b"a"].startswith(b"rsa") and bits < settings.min_key_bits:
         return record, (Result.POLICY, f"RSA key of {bits} bits < min_key_bits")
     return record, None
-
-
-@functools.lru_cache(maxsize=1024)
-def _evaluate_pk(name: bytes, record: bytes) -> tuple[object, int, bytes, bool]:
-    """dkimpy's parse of a key record (pure-Python ASN.1: ~0.1 ms), once per record."""
-    return dkimpy.evaluate_pk(name, record)  # type: ignore[no-any-return]
-
-
-class _HeaderDKIM(dkimpy.DKIM):  # type: ignore[misc]
-    """dkimpy for the header signature only: mailward verifies the body hash itself, from the
-    spool (dkimpy would canonicalize the whole body in memory, in quadratic time on some
-    input). hash_headers signs the DKIM-Signature field as received, bh= included, so the
-    header signature still covers the body hash that mailward compared. The key comes from
-    the record `_key` already fetched and parsed (cached), as dkimpy's verify_sig would."""
-
-    def verify_sig(self, sig: dict[bytes, bytes], include_headers: list[bytes],
-                   sig_header: tuple[bytes, bytes], dnsfunc: Callable[..., bytes]) -> bool:
-        name = sig[b"s"] + b"._domainkey." + sig[b"d"] + b"."
-        try:
-            self.pk, self.keysize, self.ktag, self.seqtlsrpt = _evaluate_pk(name, dnsfunc(name))
-        except (dkimpy.KeyFormatError, binascii.Error):
-            return False
-        return self.verify_sig_process(sig, include_headers, sig_header, dnsfunc)
-
-    def verify_sig_process(self, sig: dict[bytes, bytes], include_headers: list[bytes],
-                           sig_header: tuple[bytes, bytes], dnsfunc: object) -> bool:
-        without_bh = {k: v for k, v in sig.items() if k != b"bh"}
-        return bool(super().verify_sig_process(without_bh, include_headers, sig_header,
-                                               dnsfunc))
-
-
-BodyKey = tuple[bool, str, int | None]  # relaxed, hash, l=
-
-
-def _body_key(tags: dict[bytes, bytes]) -> BodyKey:
-    body_c = tags.get(b"c", b"simple/simple").partition(b"/")[2] or b"simple"
-    limit = int(tags[b"l"]) if b"l" in tags else None
-    return body_c.strip().lower() == b"relaxed", ALGORITHMS[tags[b"a"]][1].decode(), limit
-
-
-def body_hashes(body: Body | None, keys: set[BodyKey]) -> dict[BodyKey, BodyHash]:
-    """Every body hash the signatures need, in one pass over the spooled body."""
-    hashes = {k: BodyHash(relaxed=k[0], hash_name=k[1], limit=k[2]) for k in keys}
-    if body is not None and hashes:
-        for chunk in body.chunks():
-            for h in hashes.values():
-                h.update(chunk)
-    return hashes
 
 
 @dataclass
@@ -226,19 +145,17 @@ class _Pending:
 def _prepare(index: int, value: str, *, resolver: BoundResolver, settings: Settings,
              now: float) -> DkimSignature | _Pending:
     """Everything before the body hash and the crypto: shape, tags, key."""
-    if len(value) > MAX_FIELD:
-        return DkimSignature(Result.NEUTRAL, f"signature field longer than {MAX_FIELD} "
-                                             "characters")
-    if _WSP_RUN.search(value):
-        return DkimSignature(Result.NEUTRAL, f"white space runs over {MAX_WSP_RUN} characters")
+    shape = shape_problem(value)
+    if shape:
+        return DkimSignature(Result.NEUTRAL, shape)
     try:
         tags = parse_tag_value(value.encode("utf-8", "surrogateescape"))
     except InvalidTagValueList as exc:
         return DkimSignature(Result.NEUTRAL, f"malformed signature: {exc}")
-    sig = DkimSignature(Result.NONE, "", domain=_text(tags.get(b"d", b"")),
-                        selector=_text(tags.get(b"s", b"")),
-                        algorithm=_text(tags.get(b"a", b"")),
-                        b=_text(_WSP.sub(b"", tags.get(b"b", b""))))
+    sig = DkimSignature(Result.NONE, "", domain=text(tags.get(b"d", b"")),
+                        selector=text(tags.get(b"s", b"")),
+                        algorithm=text(tags.get(b"a", b"")),
+                        b=text(WSP.sub(b"", tags.get(b"b", b""))))
     problem = _signature_problem(tags, now)
     if problem is None:
         record, problem = _key(tags, f"{sig.selector}._domainkey.{sig.domain}",
@@ -250,7 +167,7 @@ def _prepare(index: int, value: str, *, resolver: BoundResolver, settings: Setti
 
 def _crypto(message: dkimpy.DKIM, p: _Pending, body: BodyHash, settings: Settings) -> Problem:
     """The body hash (ours), then the header signature (dkimpy); then judge l=."""
-    if body.digest() != base64.b64decode(_WSP.sub(b"", p.tags[b"bh"])):
+    if body.digest() != base64.b64decode(WSP.sub(b"", p.tags[b"bh"])):
         return Result.FAIL, "body hash mismatch"
     try:
         ok = message.verify(idx=p.index, dnsfunc=lambda *_a, **_k: p.record)
@@ -274,20 +191,6 @@ def _contained(index: int, exc: Exception) -> DkimSignature:
                                            f"({type(exc).__name__})")
 
 
-def header_bytes(tx: Transaction, names: set[bytes] | None = None) -> bytes:
-    """The header as received, and an empty body: what dkimpy is given. With `names`, only
-    the fields of those (lower-case) names, in their order: a signature's hash selects fields
-    by name, so the others cannot change it, and dkimpy canonicalizes every field it holds."""
-    return render_message(((h.name, h.value) for h in tx.headers
-                           if names is None
-                           or h.name.encode("ascii", "surrogateescape").lower() in names), None)
-
-
-def message_bytes(tx: Transaction) -> bytes:
-    """The message as received (tests and tools; the check streams the body)."""
-    return render_message(((h.name, h.value) for h in tx.headers), tx.body)
-
-
 def verify_all(tx: Transaction, values: list[str], *, resolver: BoundResolver,
                settings: Settings) -> list[DkimSignature]:
     """Verify the first `max_signatures` signatures; the rest are `policy`."""
@@ -306,15 +209,15 @@ def verify_all(tx: Transaction, values: list[str], *, resolver: BoundResolver,
         return [s for s in out if isinstance(s, DkimSignature)]
     names = {FIELD.lower().encode()} | {n.strip().lower() for p in pending
                                         for n in p.tags.get(b"h", b"").split(b":")}
-    message = _HeaderDKIM(header_bytes(tx, names), minkey=MIN_RSA_BITS)
-    hashes = body_hashes(tx.body, {_body_key(p.tags) for p in pending})
+    message = HeaderDKIM(header_bytes(tx, names), minkey=MIN_RSA_BITS)
+    hashes = body_hashes(tx.body, {body_key(p.tags) for p in pending})
     done: list[DkimSignature] = []
     for item in out:
         if isinstance(item, DkimSignature):
             done.append(item)
             continue
         try:
-            problem = _crypto(message, item, hashes[_body_key(item.tags)], settings)
+            problem = _crypto(message, item, hashes[body_key(item.tags)], settings)
             done.append(dataclasses.replace(item.sig, result=problem[0], reason=problem[1]))
         except Exception as exc:  # contained per signature, logged
             done.append(_contained(item.index, exc))

@@ -1,4 +1,4 @@
-"""What checks find, as typed data that later checks read (DMARC, and later ARC and reports).
+"""What checks find, as typed data that later checks read (DMARC, ARC, and later reports).
 
 A check attaches its outcome to its `CheckResult.outcome`; a later check finds it by type with
 `Context.outcome(SpfOutcome)`. These types are the whole interface between checks: no check
@@ -94,6 +94,44 @@ class DkimOutcome:
         if not self.signatures:
             return (AuthResEntry("dkim", Result.NONE),)
         return tuple(s.entry() for s in self.signatures)
+
+
+@dataclass(frozen=True, slots=True)
+class ArcOutcome:
+    """The ARC chain of the message (RFC 8617 §5.2), as the `arc` check validated it.
+
+    `result` is none (no ARC fields), pass, fail or temperror (a key lookup failed before
+    anything failed for good). `instances` counts the ARC sets, `oldest_pass` is the lowest
+    instance from which every ARC-Message-Signature still verifies (0: all of them; known for
+    a passing chain only), `sealers` the ARC-Seal d= of each instance, the first one first.
+    """
+
+    result: Result
+    reason: str = ""
+    instances: int = 0
+    oldest_pass: int | None = None
+    remote_ip: str = ""
+    sealers: tuple[str, ...] = ()
+
+    def entry(self) -> AuthResEntry:
+        """`arc=pass (i=2) smtp.remote-ip=... header.oldest-pass=0` (RFC 8617 §7.2).
+
+        RFC 8617 registers none, pass and fail: a temperror is written `arc=fail` with the
+        reason, and a chain we could not validate is never sealed onward as a pass (sealing
+        takes cv= from this entry)."""
+        if self.result is Result.NONE:
+            return AuthResEntry("arc", Result.NONE)
+        props: tuple[tuple[str, str, str], ...] = ()
+        if self.remote_ip:
+            props += (("smtp", "remote-ip", self.remote_ip),)
+        if self.result is Result.PASS and self.oldest_pass is not None:
+            props += (("header", "oldest-pass", str(self.oldest_pass)),)
+        result, reason = self.result, self.reason
+        if result is Result.TEMPERROR:
+            result, reason = Result.FAIL, f"temperror: {reason}"
+        return AuthResEntry("arc", result, reason="" if result is Result.PASS else reason,
+                            properties=props,
+                            comment=f"i={self.instances}" if self.instances else "")
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,6 +117,7 @@ class AuthResEntry:
     result: Result
     reason: str = ""
     properties: tuple[tuple[str, str, str], ...] = ()  # (ptype, property, value)
+    comment: str = ""  # after the result: `arc=pass (i=2)`
 
 
 @dataclass(frozen=True, slots=True)

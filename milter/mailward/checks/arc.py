@@ -1,0 +1,361 @@
+"""arc: is the message's Authenticated Received Chain intact? (RFC 8617)
+
+Inbound mail only. Validation follows RFC 8617 §5.2, every key fetched through mailward's
+resolver. Results, in Authentication-Results as `arc=RESULT (i=N) smtp.remote-ip=CLIENT
+header.oldest-pass=M` (RFC 8617 §7.2):
+- none: no ARC header field.
+- pass: the ARC sets are complete and numbered 1..N (N <= 50, §4.2.1), the ARC-Seal of i=1
+  says cv=none and every later one cv=pass, the newest ARC-Message-Signature (AMS) and every
+  ARC-Seal (AS) verify. oldest-pass is the lowest instance from which every AMS still
+  verifies, 0 when all do (step 5): below it, a hop changed what earlier sealers signed.
+- fail, with the reason: more than 50 sets, a missing, duplicate or gapped instance, an i=
+  that is no number from 1 to 50, a field over its bound, a malformed tag list, a wrong or
+  failing cv=, an AMS that signs ARC-Seal, an AS with h=, a key that is missing, revoked,
+  malformed or under 1024 bits (RFC 8301), a body hash or signature that does not verify.
+- temperror: a key lookup failed before anything failed for good. RFC 8617 registers none,
+  pass and fail only, so Authentication-Results says `arc=fail reason="temperror: ..."`
+  (sealing takes cv= from that entry, and a chain we could not validate must not be sealed
+  onward as a pass); the typed outcome, the log and the metrics say temperror. As with a
+  DKIM key (checks/dkim.py), a DNS failure is never read as a forgery.
+
+The check never refuses mail: DMARC reads its `ArcOutcome`.
+
+Hostile input (as checks/dkim.py, with the pieces it shares in core/dkimglue.py): at most
+150 ARC fields and 256 KiB of them in all; each AMS and AS bounded in size and white space
+before dkimpy parses it, each ARC-Authentication-Results (AAR) to 16 KiB and read by our own
+linear parser (core/authresults.py); the body hashes are computed by mailward, streamed from
+the spool; dkimpy verifies header signatures only, with the fields it signs selected by
+instance, not by position; verification stops at the first failure, so a forged chain costs
+one key lookup per set at most. An exception a library raises for one signature is that
+signature's failure (logged), never the check's.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import dkim as dkimpy
+from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from mailward.core import authresults
+from mailward.core.bodyhash import BodyHash
+from mailward.core.check import Context, ModuleCheck, Service
+from mailward.core.dkimglue import (
+    MIN_RSA_BITS,
+    WSP,
+    BodyKey,
+    HeaderDKIM,
+    body_hashes,
+    body_key,
+    header_bytes,
+    judge_key,
+    shape_problem,
+    tag_problem,
+    text,
+)
+from mailward.core.ini import Section
+from mailward.core.outcomes import ArcOutcome
+from mailward.core.transaction import Direction, Header, Stage, Transaction, render_message
+from mailward.core.verdict import CheckResult, Result
+from mailward.services import dkimcrypto
+from mailward.services.dns import BoundResolver, DnsError
+
+dkimcrypto.install()  # dkimpy's RSA through OpenSSL (services/dkimcrypto.py)
+
+NAME = "arc"
+MAX_INSTANCES = 50  # RFC 8617 §4.2.1
+MAX_ARC_BYTES = 256 * 1024  # every ARC field of one message together
+AAR, AMS, AS = "ARC-Authentication-Results", "ARC-Message-Signature", "ARC-Seal"
+KINDS = {k.lower(): k for k in (AAR, AMS, AS)}
+ARC_C = b"relaxed/relaxed"  # ARC's canonicalization (AS always, AMS when c= is absent)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """[check.arc]"""
+
+    @classmethod
+    def load(cls, sec: Section) -> Settings:
+        return cls()
+
+
+@dataclass
+class ArcSet:
+    """One instance: its three fields and the parsed tags of its AMS and AS."""
+
+    instance: int
+    fields: dict[str, Header] = field(default_factory=dict)
+    tags: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
+
+    def sealer(self) -> str:
+        return text(self.tags[AS].get(b"d", b"")).lower().rstrip(".")
+
+
+class Broken(Exception):
+    """The chain fails for the reason given (control flow inside this module only)."""
+
+
+class Unknown(Exception):
+    """A key lookup failed: the chain can be neither passed nor failed now."""
+
+
+def _instance(kind: str, value: str) -> tuple[int, dict[bytes, bytes]]:
+    """The i= of one ARC field, and the tags of an AMS or AS (RFC 8617 §4.1, §4.2.1)."""
+    if kind == AAR:
+        if len(value) > authresults.MAX_VALUE:
+            raise Broken(f"{AAR} longer than {authresults.MAX_VALUE} characters")
+        found = authresults.aar_instance(value)
+        if found is None:
+            raise Broken(f"{AAR} does not start with i=N; (RFC 8617 §4.1.1)")
+        instance, tags = found, {}
+    else:
+        shape = shape_problem(value)
+        if shape:
+            raise Broken(f"{kind}: {shape}")
+        try:
+            tags = parse_tag_value(value.encode("utf-8", "surrogateescape"))
+        except InvalidTagValueList as exc:
+            raise Broken(f"{kind}: malformed tag list: {exc}") from None
+        raw = tags.get(b"i", b"")
+        if not (raw.isdigit() and len(raw) <= authresults.MAX_INSTANCE_DIGITS):
+            raise Broken(f"{kind}: i= is not a number from 1 to {MAX_INSTANCES}")
+        instance = int(raw)
+    if not 1 <= instance <= MAX_INSTANCES:
+        raise Broken(f"{kind}: i={instance} is not from 1 to {MAX_INSTANCES}")
+    return instance, tags
+
+
+def read_sets(headers: tuple[Header, ...]) -> list[ArcSet]:
+    """The ARC sets, i=1 first, complete and numbered 1..N; Broken says why not (§5.2 step
+    1 and 3.1-3.2). No ARC field: an empty list."""
+    arc = [(KINDS[h.name.lower()], h) for h in headers if h.name.lower() in KINDS]
+    if len(arc) > 3 * MAX_INSTANCES:
+        raise Broken(f"{len(arc)} ARC fields: more than {MAX_INSTANCES} sets (RFC 8617 §4.2.1)")
+    if sum(len(h.value) for _, h in arc) > MAX_ARC_BYTES:
+        raise Broken(f"ARC fields longer than {MAX_ARC_BYTES // 1024} KiB together")
+    sets: dict[int, ArcSet] = {}
+    for kind, h in arc:
+        instance, tags = _instance(kind, h.value)
+        s = sets.setdefault(instance, ArcSet(instance))
+        if kind in s.fields:
+            raise Broken(f"two {kind} fields for i={instance}")
+        s.fields[kind] = h
+        if tags:
+            s.tags[kind] = tags
+    for i in range(1, max(sets, default=0) + 1):
+        if i not in sets:
+            raise Broken(f"no ARC set i={i} (instances must run from 1 without a gap)")
+        missing = [k for k in (AAR, AMS, AS) if k not in sets[i].fields]
+        if missing:
+            raise Broken(f"ARC set i={i} has no {' and no '.join(missing)}")
+    return [sets[i] for i in sorted(sets)]
+
+
+def _validate_tags(s: ArcSet) -> None:
+    """What can be judged of one set without DNS or cryptography."""
+    for kind, mandatory in ((AMS, [b"i", b"a", b"b", b"bh", b"d", b"h", b"s"]),
+                            (AS, [b"i", b"a", b"b", b"cv", b"d", b"s"])):
+        tags = s.tags[kind]
+        missing = [text(t) + "=" for t in mandatory if t not in tags]
+        if missing:
+            raise Broken(f"{kind} i={s.instance}: no {', '.join(missing)}")
+        problem = tag_problem(tags)
+        if problem:
+            raise Broken(f"{kind} i={s.instance}: {problem}")
+        try:
+            dkimpy.validate_signature_fields(tags, mandatory, True)
+        except dkimpy.ValidationError as exc:
+            raise Broken(f"{kind} i={s.instance}: {str(exc).split(' (')[0]}") from None
+    ams, seal = s.tags[AMS], s.tags[AS]
+    if b"arc-seal" in _names(ams):
+        raise Broken(f"{AMS} i={s.instance} signs ARC-Seal (RFC 8617 §4.1.2)")
+    try:
+        CanonicalizationPolicy.from_c_value(ams.get(b"c", ARC_C))
+    except InvalidCanonicalizationPolicyError:
+        raise Broken(f"{AMS} i={s.instance}: invalid c=") from None
+    if b"h" in seal:
+        raise Broken(f"{AS} i={s.instance} has h= (RFC 8617 §4.1.3)")
+
+
+def _cv(sets: list[ArcSet]) -> None:
+    """§5.2 step 2 and 3.3: the newest seal did not see a failure, and cv= is none at i=1 and
+    pass above."""
+    if not sets:
+        return
+    top = sets[-1]
+    if top.tags[AS][b"cv"].lower() == b"fail":
+        raise Broken(f"{AS} i={top.instance} says cv=fail: an earlier hop found the chain "
+                     "broken")
+    for s in sets:
+        expected = b"none" if s.instance == 1 else b"pass"
+        cv = s.tags[AS][b"cv"]
+        if cv != expected:
+            raise Broken(f"{AS} i={s.instance} says cv={text(cv)}, not {text(expected)}")
+
+
+def _names(tags: dict[bytes, bytes]) -> list[bytes]:
+    return [n.strip().lower() for n in tags.get(b"h", b"").split(b":")]
+
+
+def _parsed(h: Header) -> tuple[bytes, bytes]:
+    """A field as dkimpy's parser gives it (value with its CRLFs), for the signature field."""
+    headers = dkimpy.rfc822_parse(render_message(((h.name, h.value),), None))[0]
+    if len(headers) != 1:
+        raise Broken(f"{h.name} is not one header field")
+    return headers[0][0], headers[0][1]
+
+
+class Verifier:
+    """The cryptography of one chain: keys through our resolver, body hashes from the
+    spool, header signatures by dkimpy."""
+
+    def __init__(self, tx: Transaction, sets: list[ArcSet], resolver: BoundResolver) -> None:
+        self.sets = {s.instance: s for s in sets}
+        self.resolver = resolver
+        names = {n for s in sets for n in _names(s.tags[AMS])}
+        self.ams_message = HeaderDKIM(header_bytes(tx, names), minkey=MIN_RSA_BITS)
+        # every ARC field, the newest set first: dkimpy picks signed fields bottom-up by
+        # name, so an AS of instance k, counting k AARs, k AMSs and k-1 ASs, gets exactly
+        # the sets 1..k in instance order (RFC 8617 §5.1.1) wherever they stood
+        ordered = [s.fields[k] for s in reversed(sets) for k in (AS, AMS, AAR)]
+        self.seal_message = HeaderDKIM(render_message(((h.name, h.value) for h in ordered),
+                                                      None), minkey=MIN_RSA_BITS)
+        self.all_seal_headers = list(self.seal_message.headers)
+        keys: set[BodyKey] = {body_key(s.tags[AMS], ARC_C) for s in sets}
+        self.hashes: dict[BodyKey, BodyHash] = body_hashes(tx.body, keys)
+        self.unresolved = ""  # the d= of a key that could not be looked up
+
+    def _key(self, tags: dict[bytes, bytes]) -> bytes:
+        name = f"{text(tags[b's'])}._domainkey.{text(tags[b'd'])}"
+        try:
+            record = self.resolver.dkim_txt(name)
+        except DnsError as exc:
+            self.unresolved = text(tags[b"d"]).lower().rstrip(".")
+            raise Unknown(f"key lookup failed: {exc}") from None
+        if record is None:
+            raise Broken(f"no key at {name}")
+        bits, problem = judge_key(tags, name, record)
+        if problem:
+            raise Broken(problem)
+        if bits < MIN_RSA_BITS:
+            raise Broken(f"RSA key of {bits} bits (RFC 8301)")
+        return record
+
+    def ams(self, instance: int) -> None:
+        """Verify the AMS of `instance`; Broken or Unknown when it does not."""
+        s = self.sets[instance]
+        tags = s.tags[AMS]
+        record = self._key(tags)
+        body = self.hashes[body_key(tags, ARC_C)]
+        if body.digest() != base64.b64decode(WSP.sub(b"", tags[b"bh"])):
+            raise Broken("body hash mismatch")
+        if body.limit is not None and body.limit < body.length:
+            raise Broken(f"l= signs {body.limit} of {body.length} body bytes")
+        sig = dict(tags)
+        sig.setdefault(b"c", ARC_C)
+        self._verify(self.ams_message, sig, _names(tags), _parsed(s.fields[AMS]), record)
+
+    def seal(self, instance: int) -> None:
+        """Verify the AS of `instance` over the sets 1..instance; Broken or Unknown."""
+        s = self.sets[instance]
+        tags = s.tags[AS]
+        record = self._key(tags)
+        sig = dict(tags)
+        sig[b"c"] = ARC_C
+        # only the fields from this instance's AMS down: dkimpy canonicalizes all it holds
+        newest = len(self.sets)
+        self.seal_message.headers = self.all_seal_headers[3 * (newest - instance) + 1:]
+        include = [b"arc-authentication-results", b"arc-message-signature",
+                   b"arc-seal"] * (instance - 1) + [b"arc-authentication-results",
+                                                    b"arc-message-signature"]
+        self._verify(self.seal_message, sig, include, _parsed(s.fields[AS]), record)
+
+    @staticmethod
+    def _verify(message: HeaderDKIM, sig: dict[bytes, bytes], include: list[bytes],
+                sig_header: tuple[bytes, bytes], record: bytes) -> None:
+        dnsfunc: Callable[..., bytes] = lambda *_a, **_k: record  # noqa: E731
+        try:
+            ok = message.verify_sig(sig, include, sig_header, dnsfunc)
+        except dkimpy.DKIMException as exc:
+            raise Broken(str(exc).split(" (")[0]) from None
+        except (ValueError, TypeError, IndexError) as exc:
+            raise Broken(f"cannot verify: {exc}") from None
+        if not ok:
+            raise Broken("signature did not verify")
+
+
+def _guarded(what: str, step: Callable[[int], None], instance: int) -> None:
+    """One signature: its failure names it; an exception nobody anticipated is its failure
+    too (logged), never the check's."""
+    try:
+        step(instance)
+    except Broken as exc:
+        raise Broken(f"{what} i={instance}: {exc}") from None
+    except Unknown as exc:
+        raise Unknown(f"{what} i={instance}: {exc}") from None
+    except Exception as exc:  # contained per signature, logged
+        log.warning("arc: %s i=%d: %s while verifying", what, instance, type(exc).__name__)
+        raise Broken(f"{what} i={instance}: cannot verify: internal error "
+                     f"({type(exc).__name__})") from None
+
+
+def validate(tx: Transaction, resolver: BoundResolver) -> ArcOutcome:
+    """RFC 8617 §5.2 for `tx` (see the module docstring)."""
+    remote_ip = str(tx.client_ip) if tx.client_ip else ""
+    try:
+        sets = read_sets(tx.headers)
+    except Broken as exc:
+        return ArcOutcome(Result.FAIL, str(exc), remote_ip=remote_ip)
+    if not sets:
+        return ArcOutcome(Result.NONE, "no ARC sets")
+    n = len(sets)
+    sealers: tuple[str, ...] = ()
+    try:
+        for s in sets:
+            _validate_tags(s)
+        _cv(sets)
+        sealers = tuple(s.sealer() for s in sets)
+        verifier = Verifier(tx, sets, resolver)
+        _guarded(AMS, verifier.ams, n)  # step 4
+        for i in range(n, 0, -1):  # step 6
+            _guarded(AS, verifier.seal, i)
+    except Broken as exc:
+        return ArcOutcome(Result.FAIL, str(exc), n, None, remote_ip, sealers)
+    except Unknown as exc:
+        return ArcOutcome(Result.TEMPERROR, str(exc), n, None, remote_ip, sealers)
+    oldest = 0  # step 5, done for a passing chain only: it costs one AMS per instance
+    for i in range(n - 1, 0, -1):
+        try:
+            _guarded(AMS, verifier.ams, i)
+        except (Broken, Unknown):
+            oldest = i + 1
+            break
+    return ArcOutcome(Result.PASS, "", n, oldest, remote_ip, sealers)
+
+
+def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
+    """Validate the ARC chain of `tx` (see the module docstring)."""
+    outcome = validate(tx, ctx.dns)
+    if outcome.result is Result.PASS:
+        reason = f"{outcome.instances} set(s) sealed by {', '.join(outcome.sealers)}, " \
+                 f"oldest-pass {outcome.oldest_pass}"
+    else:
+        reason = outcome.reason
+    return CheckResult(NAME, outcome.result, reason=reason, authres=(outcome.entry(),),
+                       outcome=outcome)
+
+
+class Arc(ModuleCheck[Settings]):
+    name = NAME
+    stages = frozenset({Stage.EOM})
+    directions = frozenset({Direction.INBOUND})
+    uses = frozenset({Service.DNS})
+
+
+CHECK = Arc(Settings.load, check)
