@@ -132,6 +132,37 @@ def test_scan_verifies_dkim_like_the_milter(files: tuple[Path, Path], nameserver
         assert rc == 0 and results["dkim"] == "pass" and results["dmarc"] == "pass", results
 
 
+def test_scan_shows_the_arc_chain_and_the_override(files: tuple[Path, Path],
+                                                   nameserver: Nameserver,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    eml, ini = files
+    pem, public = rsa_key(2048)
+    publish(nameserver, "s1._domainkey.lists.example", f"v=DKIM1; p={public}")
+    nameserver.add("_dmarc.example.org", "TXT", '"v=DMARC1; p=reject"')
+    message = MESSAGE.replace(b"Bcc: hidden@example.org\r\n", b"").replace(
+        b"Authentication-Results: mx.example.com; spf=pass\r\n", b"")
+    ar = b"Authentication-Results: lists.example; arc=none; dmarc=pass header.from=example.org\r\n"
+    sealed = b"".join(dkimpy.arc_sign(ar + message, b"s1", b"lists.example", pem,
+                                      b"lists.example")) + message
+    eml.write_bytes(sealed)
+    args = ["scan", str(eml), "-c", str(ini), "--client-ip", "198.51.100.9", "--mail-from",
+            "bounces@lists.example"]
+    assert main(args) == 2  # lists.example is not trusted: p=reject applies
+    assert "arc: pass, 1 set(s) sealed by lists.example, oldest-pass 0\n" in \
+        capsys.readouterr().out
+    ini.write_text(ini.read_text() + "[check.arc]\ntrusted_sealers = lists.example\n")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert ("arc: pass, 1 set(s) sealed by lists.example, oldest-pass 0; DMARC failure "
+            "accepted by ARC from lists.example\n") in out
+    assert "example.org: p=reject at example.org, accepted by ARC from lists.example (i=1)" in out
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["final"]["arc"] == {
+        "result": "pass", "reason": "", "instances": 1, "oldest_pass": 0,
+        "sealers": ["lists.example"], "trusted": ["lists.example (i=1)"],
+        "dmarc_override": "lists.example"}
+
+
 def test_scan_refuses_a_client_ip_that_is_no_address(files: tuple[Path, Path],
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     eml, ini = files

@@ -104,6 +104,15 @@ def format_report(data: dict[str, object]) -> str:
     for r in final["results"]:
         would = f" (monitor: would {r['would']})" if r["would"] else ""
         lines.append(f"  {r['check']:<8} {r['result']:<9} {r['reason']}{would}")
+    arc = final.get("arc")
+    if isinstance(arc, dict) and arc["result"] != "none":
+        sealers = ", ".join(arc["sealers"])
+        line = f"arc: {arc['result']}, {arc['instances']} set(s)" + (
+            f" sealed by {sealers}" if sealers else "") + (
+            f", oldest-pass {arc['oldest_pass']}" if arc["oldest_pass"] is not None else "")
+        if arc["dmarc_override"]:
+            line += f"; DMARC failure accepted by ARC from {arc['dmarc_override']}"
+        lines.append(line)
     if final["header_edits"]:
         lines.append("header edits:")
         for e in final["header_edits"]:

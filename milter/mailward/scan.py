@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 
 from mailward.core import pipeline
+from mailward.core.outcomes import ArcOutcome, DmarcOutcome
 from mailward.core.snapshot import Snapshot
 from mailward.core.transaction import Body, Stage, Tls, Transaction, index_headers
 from mailward.core.verdict import Action, AddHeader, ChangeHeader, DeleteHeader, Verdict
@@ -91,6 +92,19 @@ def scan(snapshot: Snapshot, raw: bytes, *, client_ip: str = "", helo: str = "",
     return ScanReport(mail, tuple(verdicts), final, str(eom.direction))
 
 
+def arc_dict(v: Verdict) -> dict[str, object] | None:
+    """The ARC chain as the `arc` check found it, and any DMARC override it allowed."""
+    arc = next((r.outcome for r in v.results if isinstance(r.outcome, ArcOutcome)), None)
+    if arc is None:
+        return None
+    override = next((r.outcome.arc_override for r in v.results
+                     if isinstance(r.outcome, DmarcOutcome) and r.outcome.arc_override), "")
+    return {"result": str(arc.result), "reason": arc.reason, "instances": arc.instances,
+            "oldest_pass": arc.oldest_pass, "sealers": list(arc.sealers),
+            "trusted": [f"{t.sealer} (i={t.instance})" for t in arc.vouches],
+            "dmarc_override": override or None}
+
+
 def report_dict(report: ScanReport) -> dict[str, object]:
     """A JSON-ready view of a report."""
 
@@ -113,6 +127,7 @@ def report_dict(report: ScanReport) -> dict[str, object]:
                          "reason": r.reason, "would": str(r.would) if r.would else None}
                         for r in v.results],
             "header_edits": edits,
+            "arc": arc_dict(v),
         }
 
     return {

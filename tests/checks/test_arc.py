@@ -9,6 +9,7 @@ and 3.3 make such a chain `fail`, and that is what is asserted for them (RFC_861
 
 from __future__ import annotations
 
+import logging
 import time
 import tracemalloc
 from pathlib import Path
@@ -18,15 +19,18 @@ import dkim as dkimpy
 import pytest
 import yaml
 
-from mailward.core import dkimglue
-from mailward.core.outcomes import ArcOutcome
-from mailward.core.transaction import Body, Stage
-from mailward.core.verdict import CheckResult, Result
+from mailward.checks import arc as arc_check
+from mailward.core import dkimglue, pipeline
+from mailward.core.outcomes import ArcOutcome, ArcVouch
+from mailward.core.snapshot import build
+from mailward.core.transaction import Body, Header, Stage
+from mailward.core.verdict import Action, AddHeader, CheckResult, Result, Verdict
 from mailward.lab.dns import Nameserver
 from mailward.scan import parse_message
 from mailward.services.dns import Budget, DnsSettings, Resolver
+from mailward.services.metrics import Metrics
 from tests.checks.test_dkim import publish, rsa_key
-from tests.conftest import make_config, make_tx, run_stage
+from tests.conftest import make_config, make_tx, run_stage, snapshot_of
 
 VECTORS = Path(__file__).resolve().parents[1] / "data" / "arc"  # from shared/vectors/arc
 
@@ -378,3 +382,145 @@ def test_a_large_sealed_body_is_verified_in_bounded_memory(resolver: Resolver) -
         spool.close()
     assert spool.size > 20_000_000 and r.result is Result.PASS, r.reason
     assert peak < 4_000_000, f"peak {peak} bytes while verifying a {spool.size}-byte body"
+
+
+# -- issue 10 part 2: trusted sealers ----------------------------------------------------------
+
+def validated(raw: bytes, resolver: Resolver, trusted: tuple[str, ...]) -> ArcOutcome:
+    headers, body_bytes = parse_message(raw)
+    body = Body(threshold=1 << 20)
+    body.write(body_bytes.replace(b"\n", b"\r\n"))
+    try:
+        return arc_check.validate(make_tx(headers=headers, body=body),
+                                  resolver.bind(Budget(30)), trusted)
+    finally:
+        body.close()
+
+
+def test_a_trusted_sealer_vouches_for_what_it_saw_pass(resolver: Resolver) -> None:
+    raw = seal(MESSAGE, results="spf=pass smtp.mailfrom=alice@Bank.example.; dkim=pass "
+                                "header.i=@mail.bank.example; dmarc=pass header.from=bank.example;"
+                                " spf=fail smtp.mailfrom=x@evil.example")
+    o = validated(raw, resolver, ("lists.example",))
+    assert o.vouches == (ArcVouch("lists.example", 1, ("bank.example",), ("mail.bank.example",),
+                                  ("bank.example",)),)
+    assert validated(raw, resolver, ("other.example",)).vouches == ()
+
+
+def test_no_vouch_from_a_sealer_that_saw_no_pass(resolver: Resolver) -> None:
+    raw = seal(MESSAGE, results="dmarc=fail header.from=bank.example; dkim=none")
+    assert validated(raw, resolver, ("lists.example",)).vouches == ()
+
+
+def test_no_vouch_when_a_later_hop_changed_what_the_sealer_signed(resolver: Resolver) -> None:
+    """A replay: the trusted list's set is genuine, a later hop rewrote the subject and
+    sealed again. The chain passes (every seal verifies) but the list's AMS no longer does:
+    the list vouched for a message that is not this one."""
+    changed = seal(MESSAGE).replace(b"Subject: a post", b"Subject: pay this invoice")
+    raw = seal(changed, domain="other.example", selector="s3", cv="pass",
+               results="dmarc=fail header.from=bank.example")
+    o = validated(raw, resolver, ("lists.example", "other.example"))
+    assert (o.result, o.oldest_pass, o.vouches) == (Result.PASS, 2, ())
+    unchanged = seal(seal(MESSAGE), domain="other.example", selector="s3", cv="pass",
+                     results="dmarc=fail header.from=bank.example")
+    o = validated(unchanged, resolver, ("lists.example",))
+    assert (o.oldest_pass, [v.instance for v in o.vouches]) == (0, [1])
+
+
+def test_no_vouch_from_a_sealer_whose_ams_does_not_sign_from() -> None:
+    aar = Header("ARC-Authentication-Results", " i=1; lists.example; dmarc=pass "
+                                               "header.from=bank.example", 1)
+    s = arc_check.ArcSet(1, {"ARC-Authentication-Results": aar},
+                         {"ARC-Message-Signature": {b"h": b"to:subject"},
+                          "ARC-Seal": {b"d": b"Lists.Example."}})
+    assert arc_check.vouches([s], ("lists.example",), 0) == ()
+    s.tags["ARC-Message-Signature"][b"h"] = b"to : From"
+    assert arc_check.vouches([s], ("lists.example",), 0) == (
+        ArcVouch("lists.example", 1, ("bank.example",)),)
+    assert arc_check.vouches([s], ("lists.example",), 2) == ()  # its AMS no longer verifies
+
+
+def test_pending_vouches_only_for_a_trusted_sealers_unknown_key(
+        resolver: Resolver, nameserver: Nameserver) -> None:
+    raw = seal(MESSAGE, selector="slow")
+    o = validated(raw, resolver, ("lists.example",))
+    assert o.result is Result.TEMPERROR and [v.sealer for v in o.vouches] == ["lists.example"]
+    # the sender's own sealer's slow DNS on top of a genuine trusted set: no pending vouch
+    nameserver.drop.add("slow._domainkey.other.example")
+    raw = seal(seal(MESSAGE), domain="other.example", selector="slow", cv="pass")
+    o = validated(raw, resolver, ("lists.example",))
+    assert (o.result, o.vouches) == (Result.TEMPERROR, ())
+
+
+CHAIN = "[policy]\nchecks = spf, dkim, arc, dmarc, authres\n"
+
+
+def through_chain(raw: bytes, resolver: Resolver, config: str = "",
+                  metrics: Metrics | None = None) -> Verdict:
+    headers, body_bytes = parse_message(raw)
+    body = Body(threshold=1 << 20)
+    body.write(body_bytes.replace(b"\n", b"\r\n"))
+    cfg = make_config(CHAIN + config)
+    snapshot = snapshot_of(build(cfg, metrics=metrics), resolver=resolver)
+    tx = make_tx(headers=headers, body=body, mail_from="list-bounces@lists.example",
+                 helo="mail.lists.example")
+    try:
+        return pipeline.evaluate(Stage.EOM, tx, snapshot)[1]
+    finally:
+        body.close()
+
+
+def our_ar(v: Verdict) -> str:
+    return next(e.value for e in v.edits if isinstance(e, AddHeader))
+
+
+def test_a_list_post_from_a_p_reject_domain(resolver: Resolver, nameserver: Nameserver,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Rejected when the list is not trusted, accepted when it is, rejected again when a
+    later hop breaks the chain."""
+    nameserver.load_zone('_dmarc.bank.example. TXT "v=DMARC1; p=reject"\n')
+    post = seal(MESSAGE).replace(b"Subject: a post", b"Subject: [list] a post")  # the list
+    raw = seal(MESSAGE.replace(b"Subject: a post", b"Subject: [list] a post"))
+    untrusted = through_chain(raw, resolver)
+    assert (untrusted.action, untrusted.decided_by) == (Action.REJECT, "dmarc")
+    assert str(untrusted.reply) == ("550 5.7.1 Rejected by the DMARC policy of the sender "
+                                    "domain bank.example (p=reject)")
+
+    metrics = Metrics()
+    caplog.set_level(logging.INFO, logger="mailward.checks.dmarc")
+    trusted = through_chain(raw, resolver, "[check.arc]\ntrusted_sealers = lists.example\n",
+                            metrics)
+    assert trusted.action is Action.ACCEPT
+    assert ('dmarc=fail reason="p=reject; accepted by ARC from lists.example" '
+            "header.from=bank.example policy.dmarc=none") in our_ar(trusted)
+    assert "arc=pass (i=1) smtp.remote-ip=203.0.113.9 header.oldest-pass=0" in our_ar(trusted)
+    assert metrics.registry.get_sample_value("mailward_arc_overrides_total",
+                                             {"sealer": "lists.example"}) == 1
+    assert "dmarc: bank.example (p=reject) accepted by ARC from lists.example" in caplog.text
+
+    broken = through_chain(raw.replace(b"Hello list.", b"Hello, changed."), resolver,
+                           "[check.arc]\ntrusted_sealers = lists.example\n")
+    assert (broken.action, broken.decided_by) == (Action.REJECT, "dmarc")
+    arc = next(r for r in broken.results if r.check == "arc")
+    assert (arc.result, arc.reason) == (Result.FAIL,
+                                        "ARC-Message-Signature i=1: body hash mismatch")
+    # a post the list changed after sealing it fails the same way
+    assert through_chain(post, resolver, "[check.arc]\ntrusted_sealers = lists.example\n"
+                         ).action is Action.REJECT
+
+
+def test_an_internal_error_in_arc_never_becomes_a_permanent_reject(
+        resolver: Resolver, nameserver: Nameserver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in the arc check is its temperror; DMARC, which may have been overridden by
+    it, tempfails instead of refusing for good (core/pipeline.py)."""
+    nameserver.load_zone('_dmarc.bank.example. TXT "v=DMARC1; p=reject"\n')
+
+    def bug(*_a: Any) -> ArcOutcome:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(arc_check, "validate", bug)
+    v = through_chain(seal(MESSAGE), resolver, "[check.arc]\ntrusted_sealers = lists.example\n")
+    assert (v.action, str(v.reply)) == (
+        Action.TEMPFAIL, "451 4.7.0 Temporary failure in message checks, try again later")
+    dmarc = next(r for r in v.results if r.check == "dmarc")
+    assert dmarc.reason.endswith("(not refused: arc failed internally)")

@@ -10,11 +10,21 @@ import pytest
 
 from mailward.core import pipeline
 from mailward.core.check import Context
-from mailward.core.outcomes import DkimOutcome, DkimSignature, SpfIdentity, SpfOutcome, SpfScope
+from mailward.core.outcomes import (
+    ArcOutcome,
+    ArcVouch,
+    DkimOutcome,
+    DkimSignature,
+    DmarcOutcome,
+    SpfIdentity,
+    SpfOutcome,
+    SpfScope,
+)
 from mailward.core.transaction import Direction
 from mailward.core.verdict import Action, CheckResult, Result
 from mailward.lab.dns import Nameserver
 from mailward.services.dns import Budget, DnsSettings, Resolver
+from mailward.services.metrics import Metrics
 from mailward.services.ratestore import MemoryStore
 from tests.conftest import make_config, make_tx
 
@@ -53,7 +63,8 @@ def resolver(nameserver: Nameserver) -> Resolver:
 
 def evaluate(resolver: Resolver, from_: str | list[str], *, spf: str = "", dkim: str = "",
              spf_result: Result = Result.PASS, dkim_result: Result = Result.PASS,
-             config: str = "", **tx: Any) -> CheckResult:
+             config: str = "", arc: ArcOutcome | None = None, metrics: Metrics | None = None,
+             **tx: Any) -> CheckResult:
     results = []
     if spf:
         identity = SpfIdentity(SpfScope.MAILFROM, spf, spf.rpartition("@")[2], spf_result)
@@ -61,12 +72,14 @@ def evaluate(resolver: Resolver, from_: str | list[str], *, spf: str = "", dkim:
     if dkim:
         signature = DkimSignature(dkim_result, domain=dkim, selector="s1")
         results.append(CheckResult("dkim", dkim_result, outcome=DkimOutcome((signature,))))
+    if arc is not None:
+        results.append(CheckResult("arc", arc.result, outcome=arc))
     froms = [from_] if isinstance(from_, str) else from_
     cfg = make_config("[policy]\nchecks = spf, dkim, dmarc\n" + config)
     link = next(li for li in cfg.chain if li.name == "dmarc")
     t = make_tx(headers=[("From", " " + f) for f in froms], mail_from=spf, **tx)
     ctx = Context(site=cfg.milter, dns=resolver.bind(Budget(30)), rates=MemoryStore(),
-                  results=tuple(results))
+                  results=tuple(results), metrics=metrics)
     return pipeline.run_link(link, t, ctx)
 
 
@@ -319,3 +332,69 @@ def test_names_dns_cannot_carry_are_no_records_not_temperrors(resolver: Resolver
     long_author = ".".join(["a" * 60] * 4) + ".example"  # valid, but _dmarc. + it is not
     r = evaluate(resolver, f"x@{long_author}", spf="x@evil.example")
     assert r.result is Result.NONE, r.reason
+
+
+# -- issue 10: a trusted ARC sealer's word -----------------------------------------------------
+
+def vouched(result: Result = Result.PASS, **found: tuple[str, ...]) -> ArcOutcome:
+    """An arc outcome with one trusted sealer's findings (what checks/arc.py publishes)."""
+    return ArcOutcome(result, instances=1, sealers=("lists.example",),
+                      vouches=(ArcVouch("lists.example", 1, **found),))
+
+
+@pytest.mark.parametrize(("from_", "found"), [
+    ("a@example.com", {"dmarc_pass": ("example.com",)}),
+    ("a@example.com", {"dkim_pass": ("mail.example.com",)}),  # aligned, relaxed
+    ("a@example.com", {"spf_pass": ("bounce.example.com",)}),
+    ("a@quarantine.example", {"dmarc_pass": ("quarantine.example",)}),
+])
+def test_a_trusted_sealers_pass_overrides_the_disposition(resolver: Resolver, from_: str,
+                                                          found: dict[str, Any]) -> None:
+    metrics = Metrics()
+    r = evaluate(resolver, from_, spf="x@lists.example", arc=vouched(**found), metrics=metrics)
+    assert (r.result, r.action, r.reply) == (Result.FAIL, Action.ACCEPT, None), r.reason
+    domain = from_.split("@")[1]
+    published = "p=reject" if domain == "example.com" else "p=quarantine"
+    assert r.authres[0].reason == f"{published}; accepted by ARC from lists.example"
+    assert props(r) == {"from": domain, "dmarc": "none"}
+    assert r.reason == (f"{domain}: {published} at {domain}, accepted by ARC from "
+                        "lists.example (i=1)")
+    assert isinstance(r.outcome, DmarcOutcome) and r.outcome.arc_override == "lists.example"
+    assert metrics.registry.get_sample_value("mailward_arc_overrides_total",
+                                             {"sealer": "lists.example"}) == 1
+
+
+@pytest.mark.parametrize(("arc", "why"), [
+    (vouched(dmarc_pass=("other.example",)), "it vouched for another author domain"),
+    (vouched(dkim_pass=("evil.example",)), "its DKIM pass does not align"),
+    (vouched(dkim_pass=("sub.strict.example",)), "strict adkim: a subdomain does not align"),
+    (vouched(Result.FAIL, dmarc_pass=("example.com",)), "the chain fails"),
+    (ArcOutcome(Result.PASS, instances=1, sealers=("lists.example",)), "no trusted vouch"),
+])
+def test_no_override_without_a_trusted_pass_for_this_author(resolver: Resolver,
+                                                           arc: ArcOutcome, why: str) -> None:
+    author = "a@strict.example" if "strict" in why else "a@example.com"
+    r = evaluate(resolver, author, spf="x@lists.example", arc=arc)
+    assert (r.result, r.action) == (Result.FAIL, Action.REJECT), why
+    assert isinstance(r.outcome, DmarcOutcome) and not r.outcome.arc_override
+
+
+def test_a_trusted_sealers_unknown_key_makes_dmarc_wait(resolver: Resolver) -> None:
+    """The chain is a temperror because a trusted sealer's key could not be looked up (the
+    arc check publishes pending vouches only then): a retry may pass, so 451, not 550."""
+    r = evaluate(resolver, "a@example.com", spf="x@lists.example",
+                 arc=vouched(Result.TEMPERROR, dmarc_pass=("example.com",)))
+    assert (r.result, r.action, str(r.reply)) == (
+        Result.TEMPERROR, Action.TEMPFAIL, "451 4.7.5 DMARC policy lookup failed, try again later")
+    assert "trusted sealer lists.example could not be looked up" in r.reason
+
+
+def test_nothing_to_override_when_dmarc_passes_or_asks_nothing(resolver: Resolver) -> None:
+    arc = vouched(dmarc_pass=("example.com", "none.example"))
+    r = evaluate(resolver, "a@example.com", dkim="example.com", arc=arc)
+    assert isinstance(r.outcome, DmarcOutcome)
+    assert (r.result, r.outcome.arc_override) == (Result.PASS, "")
+    r = evaluate(resolver, "a@none.example", spf="x@lists.example", arc=arc)
+    assert isinstance(r.outcome, DmarcOutcome)
+    assert (r.result, r.action) == (Result.FAIL, Action.ACCEPT)
+    assert r.outcome.arc_override == "" and props(r)["dmarc"] == "none"

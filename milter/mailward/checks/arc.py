@@ -42,6 +42,7 @@ from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizatio
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from mailward.core import authresults
+from mailward.core.addresses import normalise_domain
 from mailward.core.bodyhash import BodyHash
 from mailward.core.check import Context, ModuleCheck, Service
 from mailward.core.dkimglue import (
@@ -58,7 +59,7 @@ from mailward.core.dkimglue import (
     text,
 )
 from mailward.core.ini import Section
-from mailward.core.outcomes import ArcOutcome
+from mailward.core.outcomes import ArcOutcome, ArcVouch
 from mailward.core.transaction import Direction, Header, Stage, Transaction, render_message
 from mailward.core.verdict import CheckResult, Result
 from mailward.services import dkimcrypto
@@ -80,9 +81,11 @@ log = logging.getLogger(__name__)
 class Settings:
     """[check.arc]"""
 
+    trusted_sealers: tuple[str, ...] = ()
+
     @classmethod
     def load(cls, sec: Section) -> Settings:
-        return cls()
+        return cls(trusted_sealers=sec.domains("trusted_sealers"))
 
 
 @dataclass
@@ -305,8 +308,51 @@ def _guarded(what: str, step: Callable[[int], None], instance: int) -> None:
                      f"({type(exc).__name__})") from None
 
 
-def validate(tx: Transaction, resolver: BoundResolver) -> ArcOutcome:
-    """RFC 8617 §5.2 for `tx` (see the module docstring)."""
+def _vouch(s: ArcSet) -> ArcVouch | None:
+    """What the AAR of `s` recorded as passing (see ArcVouch), or None: nothing."""
+    parsed = authresults.parse_aar(s.fields[AAR].value)
+    if parsed is None:
+        return None
+    found: dict[str, list[str]] = {"dmarc": [], "dkim": [], "spf": []}
+    for r in parsed[1].results:
+        if r.result != "pass" or r.method not in found:
+            continue
+        if r.method == "dmarc":
+            name = r.get("header.from")
+        elif r.method == "dkim":
+            name = r.get("header.d") or r.get("header.i").rpartition("@")[2]
+        else:  # smtp.mfrom: the draft's name, still written by some
+            name = (r.get("smtp.mailfrom") or r.get("smtp.mfrom")).rpartition("@")[2]
+        domain = normalise_domain(name) if name else None
+        if domain:
+            found[r.method].append(domain)
+    if not any(found.values()):
+        return None
+    return ArcVouch(s.sealer(), s.instance, tuple(found["dmarc"]), tuple(found["dkim"]),
+                    tuple(found["spf"]))
+
+
+def vouches(sets: list[ArcSet], trusted: tuple[str, ...],
+            oldest_pass: int | None) -> tuple[ArcVouch, ...]:
+    """The findings of trusted sealers, newest first. For a passing chain (`oldest_pass`
+    known) only sealers whose AMS still verifies; always only sealers whose AMS signs From
+    (RFC 6376 §5.4), so their findings are about this message's author."""
+    out = []
+    for s in reversed(sets):
+        if s.sealer() not in trusted or b"from" not in _names(s.tags[AMS]):
+            continue
+        if oldest_pass and s.instance < oldest_pass:
+            continue  # a later hop changed what this sealer signed
+        vouch = _vouch(s)
+        if vouch is not None:
+            out.append(vouch)
+    return tuple(out)
+
+
+def validate(tx: Transaction, resolver: BoundResolver,
+             trusted: tuple[str, ...] = ()) -> ArcOutcome:
+    """RFC 8617 §5.2 for `tx` (see the module docstring), and the `trusted` sealers'
+    vouches."""
     remote_ip = str(tx.client_ip) if tx.client_ip else ""
     try:
         sets = read_sets(tx.headers)
@@ -316,6 +362,7 @@ def validate(tx: Transaction, resolver: BoundResolver) -> ArcOutcome:
         return ArcOutcome(Result.NONE, "no ARC sets")
     n = len(sets)
     sealers: tuple[str, ...] = ()
+    verifier: Verifier | None = None
     try:
         for s in sets:
             _validate_tags(s)
@@ -328,25 +375,38 @@ def validate(tx: Transaction, resolver: BoundResolver) -> ArcOutcome:
     except Broken as exc:
         return ArcOutcome(Result.FAIL, str(exc), n, None, remote_ip, sealers)
     except Unknown as exc:
-        return ArcOutcome(Result.TEMPERROR, str(exc), n, None, remote_ip, sealers)
-    oldest = 0  # step 5, done for a passing chain only: it costs one AMS per instance
+        # a retry may pass; only when the key that could not be looked up is a trusted
+        # sealer's may that keep DMARC waiting (a sender's own slow DNS never does)
+        unresolved = verifier.unresolved if verifier is not None else ""
+        pending = vouches(sets, trusted, None) if unresolved in trusted else ()
+        return ArcOutcome(Result.TEMPERROR, str(exc), n, None, remote_ip, sealers, pending)
+    oldest = _oldest_pass(verifier, n)
+    return ArcOutcome(Result.PASS, "", n, oldest, remote_ip, sealers,
+                      vouches(sets, trusted, oldest))
+
+
+def _oldest_pass(verifier: Verifier, n: int) -> int:
+    """§5.2 step 5, for a passing chain only (it costs one AMS per instance): the lowest
+    instance from which every AMS verifies, 0 when all do."""
     for i in range(n - 1, 0, -1):
         try:
             _guarded(AMS, verifier.ams, i)
         except (Broken, Unknown):
-            oldest = i + 1
-            break
-    return ArcOutcome(Result.PASS, "", n, oldest, remote_ip, sealers)
+            return i + 1
+    return 0
 
 
 def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
     """Validate the ARC chain of `tx` (see the module docstring)."""
-    outcome = validate(tx, ctx.dns)
+    outcome = validate(tx, ctx.dns, settings.trusted_sealers)
     if outcome.result is Result.PASS:
         reason = f"{outcome.instances} set(s) sealed by {', '.join(outcome.sealers)}, " \
                  f"oldest-pass {outcome.oldest_pass}"
     else:
         reason = outcome.reason
+    if outcome.vouches:
+        reason += "; trusted: " + ", ".join(f"{v.sealer} (i={v.instance})"
+                                            for v in outcome.vouches)
     return CheckResult(NAME, outcome.result, reason=reason, authres=(outcome.entry(),),
                        outcome=outcome)
 

@@ -21,11 +21,23 @@ holds a valid URI, else no DMARC (§4.10.1).
 Results: pass, fail, none (no policy), temperror (DNS failure in discovery, or no aligned
 pass while SPF/DKIM had a temperror), permerror (From). A-R: dmarc=RESULT header.from=DOMAIN
 policy.dmarc=DISPOSITION, the reason naming the published policy.
+
+ARC (RFC 8617, the `arc` check's `ArcOutcome`, when it runs before this one): a failure whose
+disposition would be quarantine or reject is accepted when the chain passes and a trusted
+sealer (`[check.arc] trusted_sealers`) vouches for this Author Domain: its
+ARC-Authentication-Results recorded dmarc=pass for it, or a DKIM or SPF pass that aligns with
+it here (adkim/aspf of the policy found now). The result stays fail; the A-R says
+`dmarc=fail reason="p=reject; accepted by ARC from SEALER" ... policy.dmarc=none`, the log
+says so and `mailward_arc_overrides_total{sealer}` counts it. When the chain is a temperror
+because a trusted sealer's key could not be looked up, and its findings would vouch, the
+result is temperror (a retry may pass). Only the `arc` check decides which sealers vouch
+(see ArcVouch); never an untrusted sealer, a failing chain, or a sealer that saw no pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 import re
 from collections.abc import Callable
@@ -37,7 +49,7 @@ from publicsuffixlist import PublicSuffixList
 from mailward.core.addresses import MAX_AUTHORS, AuthorProblem, authors, normalise_domain
 from mailward.core.check import Context, ModuleCheck, Service
 from mailward.core.ini import Section
-from mailward.core.outcomes import DkimOutcome, DmarcOutcome, SpfOutcome
+from mailward.core.outcomes import ArcOutcome, ArcVouch, DkimOutcome, DmarcOutcome, SpfOutcome
 from mailward.core.transaction import Direction, Stage, Transaction
 from mailward.core.verdict import Action, CheckResult, Reply, Result
 from mailward.services.dns import BoundResolver, DnsError
@@ -46,6 +58,8 @@ NAME = "dmarc"
 POLICIES = ("none", "quarantine", "reject")
 MAX_WALK_LABELS = 7  # §4.10 step 4: longer names are cut to 7 labels, 8 queries at most
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:\S+")
+
+log = logging.getLogger(__name__)
 
 
 # -- records ---------------------------------------------------------------------------------
@@ -316,6 +330,18 @@ def _identifiers(ctx: Context) -> Identifiers:
     return Identifiers(tuple(spf_pass), tuple(spf_temp), tuple(dkim_pass), tuple(dkim_temp))
 
 
+def arc_vouch(vouches: tuple[ArcVouch, ...], author: str, *, dkim: Callable[[str], bool],
+              spf: Callable[[str], bool]) -> ArcVouch | None:
+    """The newest trusted sealer's findings that speak for `author`: DMARC passed for this
+    Author Domain there, or a DKIM or SPF identity passed that aligns with it (`dkim`, `spf`:
+    alignment as evaluated here)."""
+    for v in vouches:
+        if author in v.dmarc_pass or any(dkim(d) for d in v.dkim_pass) \
+                or any(spf(d) for d in v.spf_pass):
+            return v
+    return None
+
+
 def _disposition(policy: Policy, author: str, discovery: Discovery,
                  settings: Settings) -> tuple[str, str]:
     """(policy to apply, what was published), after t=, pct= and np/sp selection."""
@@ -355,8 +381,8 @@ def _refused(problem: str, action: Action, reply: Reply) -> CheckResult:
 
 
 def evaluate_domain(author: str, ids: Identifiers, discovery: Discovery,
-                    settings: Settings) -> CheckResult:
-    """DMARC for one Author Domain (§4.10 and §5.3)."""
+                    settings: Settings, arc: ArcOutcome | None = None) -> CheckResult:
+    """DMARC for one Author Domain (§4.10 and §5.3), and a trusted ARC sealer's word."""
     try:
         found = discovery.policy(author)
         policy = found.record.usable() if found else None
@@ -374,6 +400,16 @@ def evaluate_domain(author: str, ids: Identifiers, discovery: Discovery,
         pending += [f"spf:{d}" for d in ids.spf_temp
                     if _aligned(d, author, policy.aspf, discovery.org)]
         applied, published = _disposition(found, author, discovery, settings)
+        vouch = pending_vouch = None
+        if arc is not None and arc.result in (Result.PASS, Result.TEMPERROR) \
+                and arc.vouches and applied != "none" and not aligned:
+            policy_now = policy
+            vouch = arc_vouch(
+                arc.vouches, author,
+                dkim=lambda d: _aligned(d, author, policy_now.adkim, discovery.org),
+                spf=lambda d: _aligned(d, author, policy_now.aspf, discovery.org))
+            if arc.result is Result.TEMPERROR:  # pending: a retry may pass
+                vouch, pending_vouch = None, vouch
     except DnsError as exc:
         return _result(DmarcOutcome(Result.TEMPERROR, author, reason=str(exc)),
                        action=settings.on_temperror, reply=settings.temperror_reply)
@@ -381,12 +417,22 @@ def evaluate_domain(author: str, ids: Identifiers, discovery: Discovery,
                              tuple(aligned))
     if aligned:
         return _result(evaluated, reason=f"aligned {', '.join(aligned)}")
+    if vouch is not None:
+        return _result(dataclasses.replace(evaluated, result=Result.FAIL, applied="none",
+                                           arc_override=vouch.sealer),
+                       reason=f"{author}: {published} at {found.domain}, accepted by ARC "
+                              f"from {vouch.sealer} (i={vouch.instance})")
     if pending:
         # a retry may pass; but where the policy would not act on a fail, nothing waits
         action = settings.on_temperror if applied != "none" else Action.ACCEPT
         return _result(dataclasses.replace(evaluated, result=Result.TEMPERROR),
                        action=action, reply=settings.temperror_reply,
                        reason=f"no aligned pass; temperror for {', '.join(pending)}")
+    if pending_vouch is not None:
+        return _result(dataclasses.replace(evaluated, result=Result.TEMPERROR),
+                       action=settings.on_temperror, reply=settings.temperror_reply,
+                       reason=f"no aligned pass; ARC: a key of trusted sealer "
+                              f"{pending_vouch.sealer} could not be looked up")
     failed = dataclasses.replace(evaluated, result=Result.FAIL)
     reason = f"{author}: {published} at {found.domain}, applied {applied}"
     if applied == "reject":
@@ -424,7 +470,14 @@ def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
                         settings.multiple_from_reply)
     discovery = Discovery(ctx.dns, settings)
     ids = _identifiers(ctx)
-    results = [evaluate_domain(d, ids, discovery, settings) for d in domains]
+    arc = ctx.outcome(ArcOutcome)
+    results = [evaluate_domain(d, ids, discovery, settings, arc) for d in domains]
+    for r in results:
+        if isinstance(r.outcome, DmarcOutcome) and r.outcome.arc_override:
+            log.info("qid=%s dmarc: %s (%s) accepted by ARC from %s", tx.queue_id or "-",
+                     r.outcome.author_domain, r.outcome.published, r.outcome.arc_override)
+            if ctx.metrics is not None:
+                ctx.metrics.arc_overrides.labels(sealer=r.outcome.arc_override).inc()
     return results[0] if len(results) == 1 else _strictest(results)
 
 
@@ -433,6 +486,7 @@ class Dmarc(ModuleCheck[Settings]):
     stages = frozenset({Stage.EOM})
     directions = frozenset({Direction.INBOUND})
     requires = ("spf", "dkim")  # their outcomes are its inputs
+    after = ("arc",)  # its outcome too, when it runs: trusted sealers may vouch
     uses = frozenset({Service.DNS})
 
 

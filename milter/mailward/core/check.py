@@ -31,6 +31,7 @@ from mailward.core.settings import MilterSettings, Mode
 from mailward.core.transaction import Direction, Stage, Transaction
 from mailward.core.verdict import Action, CheckResult
 from mailward.services.dns import BoundResolver, Resolver
+from mailward.services.metrics import Metrics
 from mailward.services.ratestore import RateStore, StoreSpec
 
 S = TypeVar("S")
@@ -51,13 +52,15 @@ class Service(enum.StrEnum):
 class Context:
     """What a check is given besides the transaction and its settings.
 
-    `results` are those of the checks before it at this stage, in chain order.
+    `results` are those of the checks before it at this stage, in chain order. `metrics`
+    is where a check counts what only it knows (e.g. ARC overrides); None offline (scan).
     """
 
     site: MilterSettings
     dns: BoundResolver
     rates: RateStore
     results: tuple[CheckResult, ...] = ()
+    metrics: Metrics | None = None
 
     def outcome(self, kind: type[T]) -> T | None:
         """The outcome of type `kind` published by an earlier check, if any."""

@@ -97,6 +97,23 @@ class DkimOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class ArcVouch:
+    """What a trusted sealer's ARC-Authentication-Results recorded as passing: the Author
+    Domains of `dmarc=pass`, the `header.d` of `dkim=pass`, the `smtp.mailfrom` domains of
+    `spf=pass` (normalised). The `arc` check publishes one only for a sealer named in
+    `[check.arc] trusted_sealers` whose seal, and every seal before it, verifies, whose
+    ARC-Message-Signature signs From and still verifies (nothing it signed changed since),
+    in a chain that passes; or, as a pending vouch, when a key of a trusted sealer could not
+    be looked up. Whether it speaks for the Author Domain is DMARC's to judge (alignment)."""
+
+    sealer: str
+    instance: int
+    dmarc_pass: tuple[str, ...] = ()
+    dkim_pass: tuple[str, ...] = ()
+    spf_pass: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ArcOutcome:
     """The ARC chain of the message (RFC 8617 §5.2), as the `arc` check validated it.
 
@@ -104,6 +121,8 @@ class ArcOutcome:
     anything failed for good). `instances` counts the ARC sets, `oldest_pass` is the lowest
     instance from which every ARC-Message-Signature still verifies (0: all of them; known for
     a passing chain only), `sealers` the ARC-Seal d= of each instance, the first one first.
+    `vouches` are the trusted sealers' findings DMARC may honour, newest first: for a
+    passing chain, or (pending) for a temperror that a retry may turn into a pass.
     """
 
     result: Result
@@ -112,6 +131,7 @@ class ArcOutcome:
     oldest_pass: int | None = None
     remote_ip: str = ""
     sealers: tuple[str, ...] = ()
+    vouches: tuple[ArcVouch, ...] = ()
 
     def entry(self) -> AuthResEntry:
         """`arc=pass (i=2) smtp.remote-ip=... header.oldest-pass=0` (RFC 8617 §7.2).
@@ -141,6 +161,8 @@ class DmarcOutcome:
     `published` names the policy as published (e.g. `p=reject t=y`), `applied` the disposition
     after t=, pct= and np/sp selection, `aligned` the identifiers that aligned (`dkim:DOMAIN`,
     `spf:DOMAIN`). Empty strings where evaluation stopped before knowing them.
+    `arc_override` names the trusted ARC sealer whose results overrode a failing disposition
+    (RFC 9990's `trusted_forwarder`): the result stays fail, `applied` becomes none.
     """
 
     result: Result
@@ -150,6 +172,7 @@ class DmarcOutcome:
     applied: str = ""
     aligned: tuple[str, ...] = ()
     reason: str = ""
+    arc_override: str = ""
 
     def entry(self) -> AuthResEntry:
         props: tuple[tuple[str, str, str], ...] = ()
@@ -158,6 +181,8 @@ class DmarcOutcome:
         if self.applied:
             props += (("policy", "dmarc", self.applied),)
         reason = self.published if self.result is Result.FAIL else ""
+        if self.arc_override:
+            reason = f"{self.published}; accepted by ARC from {self.arc_override}"
         if self.result is Result.PERMERROR:
             reason = self.reason
         return AuthResEntry("dmarc", self.result, reason=reason, properties=props)

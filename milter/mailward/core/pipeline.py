@@ -119,7 +119,7 @@ def evaluate(stage: Stage, tx: Transaction, snapshot: Snapshot, *,
             continue
         start = time.perf_counter()
         ctx = Context(site=config.milter, dns=dns, rates=snapshot.rates,
-                      results=tuple(results))
+                      results=tuple(results), metrics=snapshot.metrics)
         result = run_link(link, tx, ctx)
         if broken:  # only after an internal error: the usual path does no work here
             result = _contain(result, _inputs(link, results) & broken, config)

@@ -9,7 +9,7 @@ pairs an old config with a new resolver.
 What must outlive a reload is carried over, never reset:
 - the resolver (and so its DNS cache) while `[dns]` is unchanged;
 - the rate-limit store while its `StoreSpec` is unchanged (in-memory windows survive);
-- Prometheus metrics, which are not part of a snapshot at all.
+- Prometheus metrics: every snapshot holds the same `Metrics` (checks count through it).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class Snapshot:
     config: Config
     resolver: Resolver
     rates: RateStore
+    metrics: Metrics | None = None  # not part of a generation: the same object throughout
 
     def setup_warnings(self) -> list[str]:
         """What the chain's checks find wrong with the world (e.g. unpublished DKIM keys)."""
@@ -56,4 +57,4 @@ def build(config: Config, *, metrics: Metrics | None = None,
     else:
         rates = open_store(spec, metrics=metrics)
     generation = previous.generation + 1 if previous is not None else 1
-    return Snapshot(generation, config, resolver, rates)
+    return Snapshot(generation, config, resolver, rates, metrics)

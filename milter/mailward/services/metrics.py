@@ -48,6 +48,10 @@ class Metrics:
                                       ["direction", "kind", "measure"], registry=r)
         self.ratelimit_backend_errors = Counter(
             "mailward_ratelimit_backend_errors", "Counter store (Redis) failures.", registry=r)
+        self.arc_overrides = Counter(
+            "mailward_arc_overrides", "DMARC failures accepted on the word of a trusted ARC "
+            "sealer, by sealer (a domain of [check.arc] trusted_sealers).", ["sealer"],
+            registry=r)
         self.config_reloads = Counter("mailward_config_reloads", "Configuration reloads.",
                                       ["outcome"], registry=r)
         self.build_info = Gauge("mailward_build_info", "Build information.", ["version"],
