@@ -51,7 +51,8 @@ def test_scan_json(files: tuple[Path, Path], capsys: pytest.CaptureFixture[str])
     assert final["action"] == "accept"
     assert {r["check"]: r["result"] for r in final["results"]} == {
         "tls": "pass", "sender": "none", "spf": "pass", "dkim": "none", "arc": "none",
-        "dmarc": "none", "bcc": "pass", "trace": "none", "dkim_sign": "none", "authres": "pass"}
+        "dmarc": "none", "bcc": "pass", "trace": "none", "dkim_sign": "none", "authres": "pass",
+        "arc_seal": "none"}
     assert final["header_edits"] == [
         {"op": "delete", "name": "Authentication-Results", "index": 1},
         {"op": "delete", "name": "Bcc", "index": 1},

@@ -19,7 +19,7 @@ PACKAGE = Path(mailward.__file__).parent
 
 # What each layer may import from mailward (module-name prefixes), besides itself.
 MODEL = ("mailward.core.transaction", "mailward.core.verdict", "mailward.core.outcomes",
-         "mailward.core.dkimglue", "mailward.core.authresults",
+         "mailward.core.dkimglue", "mailward.core.authresults", "mailward.core.arcsets",
          "mailward.core.ini", "mailward.core.settings", "mailward.core.addresses",
          "mailward.core.nets", "mailward.core.bodyhash")
 ALLOWED: dict[str, tuple[str, ...]] = {

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from mailward.checks import arc as arc_check
-from mailward.core import dkimglue, pipeline
+from mailward.core import arcsets, dkimglue, pipeline
 from mailward.core.outcomes import ArcOutcome, ArcVouch
 from mailward.core.snapshot import build
 from mailward.core.transaction import Body, Header, Stage
@@ -430,7 +430,7 @@ def test_no_vouch_when_a_later_hop_changed_what_the_sealer_signed(resolver: Reso
 def test_no_vouch_from_a_sealer_whose_ams_does_not_sign_from() -> None:
     aar = Header("ARC-Authentication-Results", " i=1; lists.example; dmarc=pass "
                                                "header.from=bank.example", 1)
-    s = arc_check.ArcSet(1, {"ARC-Authentication-Results": aar},
+    s = arcsets.ArcSet(1, {"ARC-Authentication-Results": aar},
                          {"ARC-Message-Signature": {b"h": b"to:subject"},
                           "ARC-Seal": {b"d": b"Lists.Example."}})
     assert arc_check.vouches([s], ("lists.example",), 0) == ()

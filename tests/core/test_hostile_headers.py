@@ -20,6 +20,7 @@ from mailward.core import pipeline
 from mailward.core.snapshot import Snapshot
 from mailward.core.transaction import Body, Stage
 from mailward.lab.dns import Nameserver
+from mailward.services import keys
 from tests.conftest import make_config, make_tx, snapshot_of
 
 FUZZ = os.environ.get("MAILWARD_FUZZ", "") not in ("", "0")
@@ -37,6 +38,7 @@ SHAPES: dict[str, Callable[[int], str]] = {
                                 + " " * (n - 60) + "!",
     "folds": lambda n: "x\n\t" * (n // 3),
     "addresses": lambda n: "a@b.example, " * (n // 13),
+    "our results": lambda n: "mx.example.com; " + "spf=pass smtp.mailfrom=a@b.c (x); " * (n // 35),
 }
 FIELDS = ("From", "DKIM-Signature", "Authentication-Results", "Received", "Subject",
           "Bcc", "X-Originating-IP", "To", "Message-ID", "ARC-Seal", "ARC-Message-Signature",
@@ -48,9 +50,12 @@ def chains(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Snapshot]:
     server = Nameserver()
     server.load_zone('x.example. TXT "v=spf1 -all"\n_dmarc.x.example. TXT "v=DMARC1; p=reject"\n'
                      's._domainkey.x.example. TXT "v=DKIM1; p=MFwwDQYJKoZIhvcNAQEBBQADSwAw"\n')
+    seal = keys.generate(domain="x.example", selector="arc", directory=str(
+        tmp_path_factory.mktemp("arckey")))
     base = (f"[dns]\nnameservers = 127.0.0.1:{server.port}\ntimeout = 0.5\nlifetime = 0.5\n"
             "budget = 1\n[policy]\nchecks = tls, sender, ratelimit, spf, dkim, arc, dmarc, bcc, "
-            "trace, dkim_sign, authres\n[check.trace]\ninternal_hosts = corp.example\n")
+            "trace, dkim_sign, authres, arc_seal\n[check.trace]\ninternal_hosts = corp.example\n"
+            f"[check.arc_seal]\nkey = x.example arc {seal.path}\nnetworks = 203.0.113.0/24\n")
     return {"inbound": snapshot_of(make_config(base)),
             "outbound": snapshot_of(make_config(base))}
 

@@ -1,14 +1,18 @@
 """ARC through the real Postfix (issue 10): a p=reject author's post, changed and re-sent by a
 mailing list that ARC-seals it, is refused unless the list is a trusted sealer, and refused
-again when a later hop breaks the chain."""
+again when a later hop breaks the chain; mail our list server re-submits leaves sealed, and
+the seal verifies with dkimpy and with our own arc check at the next hop."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import dkim as dkimpy
 import pytest
 
+from mailward.services import keys
+from mailward.services.dns import Budget, DnsSettings, Resolver
 from tests.checks.test_dkim import publish, rsa_key
 from tests.integration.conftest import Harness
 
@@ -66,3 +70,51 @@ def test_a_later_hop_that_breaks_the_chain_is_refused_again(harness: Harness) ->
         assert (out.stage, out.code) == ("data", 550), out.text
         assert harness.not_arrived(mid, wait=1)
         assert "arc=fail dmarc=fail " in harness.mw.log()
+
+
+def test_our_seal_verifies_with_dkimpy_and_at_the_next_hop(harness: Harness,
+                                                          tmp_path: Path) -> None:
+    """A post sealed upstream arrives (our A-R: arc=pass), our list server tags and footers
+    it and re-submits it on the ORIGINATING service: it leaves with our set i=2 over our
+    inbound results, which dkimpy verifies, and which our own arc check passes at the next
+    hop (oldest-pass 2: the list changed what the first sealer signed)."""
+    key = keys.generate(domain="lab.test", selector="arc1", directory=str(tmp_path))
+    harness.dns.load_zone(keys.zone_line(key))
+    pem, public = rsa_key(2048)
+    publish(harness.dns, "arc1._domainkey.lists.example", f"v=DKIM1; k=rsa; p={public}")
+    mid, data = harness.message(body="Hello list.\r\n")  # alice@example.org: DMARC passes
+    ar = b"Authentication-Results: lists.example; arc=none; dmarc=pass header.from=example.org\r\n"
+    upstream = b"".join(dkimpy.arc_sign(ar + data, b"arc1", b"lists.example", pem,
+                                        b"lists.example")) + data
+    assert harness.send(upstream).code == 250
+    delivered = harness.arrived(mid)
+    assert "\tarc=pass (i=1) smtp.remote-ip=127.0.0.1 header.oldest-pass=0;\n" in \
+        dict(delivered.headers())["Authentication-Results"]
+
+    relayed = delivered.data.replace(b"Subject: test", b"Subject: [list] test").replace(
+        b"Hello list.\r\n", b"Hello list.\r\n-- \r\nlist footer\r\n")
+    with harness.configured(f"[check.arc_seal]\nkey = lab.test arc1 {key.path}\n"
+                            "daemons = ORIGINATING\n"):
+        assert harness.send(relayed, submission=True).code == 250
+        sealed = harness.sink.wait_for(lambda m: mid.encode() in m.data
+                                       and b"d=lab.test" in m.data, 30)
+    headers = sealed.headers()
+    assert [n for n, _ in headers[:4]] == ["ARC-Seal", "ARC-Message-Signature",
+                                            "ARC-Authentication-Results",
+                                            "Authentication-Results"]
+    aar = headers[2][1]
+    assert aar.startswith(" i=2; mx.lab.test;\n\t"), aar
+    assert "\tarc=pass (i=1) smtp.remote-ip=127.0.0.1 header.oldest-pass=0;\n" in aar, aar
+    assert "\tdmarc=pass header.from=example.org policy.dmarc=reject" in aar, aar
+    assert "cv=pass" in headers[0][1]
+    resolver = Resolver(DnsSettings(nameservers=(("127.0.0.1", harness.dns.port),)))
+    cv, _, why = dkimpy.arc_verify(sealed.data, dnsfunc=lambda n, timeout=5: resolver.bind(
+        Budget(30)).dkim_txt(n))
+    assert cv == dkimpy.CV_Pass, why
+
+    assert harness.send(sealed.data).code == 250  # the next hop: ourselves, inbound
+    again = harness.sink.wait_for(lambda m: mid.encode() in m.data
+                                  and m.data.count(b"ARC-Seal:") == 2
+                                  and b"oldest-pass=2" in m.data, 30)
+    assert "\tarc=pass (i=2) smtp.remote-ip=127.0.0.1 header.oldest-pass=2;\n" in \
+        dict(again.headers())["Authentication-Results"]

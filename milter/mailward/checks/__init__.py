@@ -11,6 +11,7 @@ loader; the core never imports a check.
 
 from mailward.checks import (
     arc,
+    arc_seal,
     authres,
     bcc,
     dkim,
@@ -36,4 +37,5 @@ REGISTRY = Registry((
     trace.CHECK,
     dkim_sign.CHECK,
     authres.CHECK,
+    arc_seal.CHECK,
 ))

@@ -35,14 +35,22 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import dkim as dkimpy
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
-from dkim.util import InvalidTagValueList, parse_tag_value
 
 from mailward.core import authresults
 from mailward.core.addresses import normalise_domain
+from mailward.core.arcsets import (
+    AAR,
+    AMS,
+    AS,
+    ArcSet,
+    Broken,
+    read_sets,
+    signed_names,
+)
 from mailward.core.bodyhash import BodyHash
 from mailward.core.check import Context, ModuleCheck, Service
 from mailward.core.dkimglue import (
@@ -52,15 +60,15 @@ from mailward.core.dkimglue import (
     HeaderDKIM,
     body_hashes,
     body_key,
-    header_bytes,
+    header_dkim,
+    header_fields,
     judge_key,
-    shape_problem,
     tag_problem,
     text,
 )
 from mailward.core.ini import Section
 from mailward.core.outcomes import ArcOutcome, ArcVouch
-from mailward.core.transaction import Direction, Header, Stage, Transaction, render_message
+from mailward.core.transaction import Direction, Header, Stage, Transaction
 from mailward.core.verdict import CheckResult, Result
 from mailward.services import dkimcrypto
 from mailward.services.dns import BoundResolver, DnsError
@@ -68,10 +76,6 @@ from mailward.services.dns import BoundResolver, DnsError
 dkimcrypto.install()  # dkimpy's RSA through OpenSSL (services/dkimcrypto.py)
 
 NAME = "arc"
-MAX_INSTANCES = 50  # RFC 8617 §4.2.1
-MAX_ARC_BYTES = 256 * 1024  # every ARC field of one message together
-AAR, AMS, AS = "ARC-Authentication-Results", "ARC-Message-Signature", "ARC-Seal"
-KINDS = {k.lower(): k for k in (AAR, AMS, AS)}
 ARC_C = b"relaxed/relaxed"  # ARC's canonicalization (AS always, AMS when c= is absent)
 
 log = logging.getLogger(__name__)
@@ -88,76 +92,8 @@ class Settings:
         return cls(trusted_sealers=sec.domains("trusted_sealers"))
 
 
-@dataclass
-class ArcSet:
-    """One instance: its three fields and the parsed tags of its AMS and AS."""
-
-    instance: int
-    fields: dict[str, Header] = field(default_factory=dict)
-    tags: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
-
-    def sealer(self) -> str:
-        return text(self.tags[AS].get(b"d", b"")).lower().rstrip(".")
-
-
-class Broken(Exception):
-    """The chain fails for the reason given (control flow inside this module only)."""
-
-
 class Unknown(Exception):
     """A key lookup failed: the chain can be neither passed nor failed now."""
-
-
-def _instance(kind: str, value: str) -> tuple[int, dict[bytes, bytes]]:
-    """The i= of one ARC field, and the tags of an AMS or AS (RFC 8617 §4.1, §4.2.1)."""
-    if kind == AAR:
-        if len(value) > authresults.MAX_VALUE:
-            raise Broken(f"{AAR} longer than {authresults.MAX_VALUE} characters")
-        found = authresults.aar_instance(value)
-        if found is None:
-            raise Broken(f"{AAR} does not start with i=N; (RFC 8617 §4.1.1)")
-        instance, tags = found, {}
-    else:
-        shape = shape_problem(value)
-        if shape:
-            raise Broken(f"{kind}: {shape}")
-        try:
-            tags = parse_tag_value(value.encode("utf-8", "surrogateescape"))
-        except InvalidTagValueList as exc:
-            raise Broken(f"{kind}: malformed tag list: {exc}") from None
-        raw = tags.get(b"i", b"")
-        if not (raw.isdigit() and len(raw) <= authresults.MAX_INSTANCE_DIGITS):
-            raise Broken(f"{kind}: i= is not a number from 1 to {MAX_INSTANCES}")
-        instance = int(raw)
-    if not 1 <= instance <= MAX_INSTANCES:
-        raise Broken(f"{kind}: i={instance} is not from 1 to {MAX_INSTANCES}")
-    return instance, tags
-
-
-def read_sets(headers: tuple[Header, ...]) -> list[ArcSet]:
-    """The ARC sets, i=1 first, complete and numbered 1..N; Broken says why not (§5.2 step
-    1 and 3.1-3.2). No ARC field: an empty list."""
-    arc = [(KINDS[h.name.lower()], h) for h in headers if h.name.lower() in KINDS]
-    if len(arc) > 3 * MAX_INSTANCES:
-        raise Broken(f"{len(arc)} ARC fields: more than {MAX_INSTANCES} sets (RFC 8617 §4.2.1)")
-    if sum(len(h.value) for _, h in arc) > MAX_ARC_BYTES:
-        raise Broken(f"ARC fields longer than {MAX_ARC_BYTES // 1024} KiB together")
-    sets: dict[int, ArcSet] = {}
-    for kind, h in arc:
-        instance, tags = _instance(kind, h.value)
-        s = sets.setdefault(instance, ArcSet(instance))
-        if kind in s.fields:
-            raise Broken(f"two {kind} fields for i={instance}")
-        s.fields[kind] = h
-        if tags:
-            s.tags[kind] = tags
-    for i in range(1, max(sets, default=0) + 1):
-        if i not in sets:
-            raise Broken(f"no ARC set i={i} (instances must run from 1 without a gap)")
-        missing = [k for k in (AAR, AMS, AS) if k not in sets[i].fields]
-        if missing:
-            raise Broken(f"ARC set i={i} has no {' and no '.join(missing)}")
-    return [sets[i] for i in sorted(sets)]
 
 
 def _validate_tags(s: ArcSet) -> None:
@@ -176,7 +112,7 @@ def _validate_tags(s: ArcSet) -> None:
         except dkimpy.ValidationError as exc:
             raise Broken(f"{kind} i={s.instance}: {str(exc).split(' (')[0]}") from None
     ams, seal = s.tags[AMS], s.tags[AS]
-    if b"arc-seal" in _names(ams):
+    if b"arc-seal" in signed_names(ams):
         raise Broken(f"{AMS} i={s.instance} signs ARC-Seal (RFC 8617 §4.1.2)")
     try:
         CanonicalizationPolicy.from_c_value(ams.get(b"c", ARC_C))
@@ -202,16 +138,10 @@ def _cv(sets: list[ArcSet]) -> None:
             raise Broken(f"{AS} i={s.instance} says cv={text(cv)}, not {text(expected)}")
 
 
-def _names(tags: dict[bytes, bytes]) -> list[bytes]:
-    return [n.strip().lower() for n in tags.get(b"h", b"").split(b":")]
-
-
 def _parsed(h: Header) -> tuple[bytes, bytes]:
     """A field as dkimpy's parser gives it (value with its CRLFs), for the signature field."""
-    headers = dkimpy.rfc822_parse(render_message(((h.name, h.value),), None))[0]
-    if len(headers) != 1:
-        raise Broken(f"{h.name} is not one header field")
-    return headers[0][0], headers[0][1]
+    ((name, value),) = header_fields(((h.name, h.value),))
+    return name, value
 
 
 class Verifier:
@@ -221,14 +151,14 @@ class Verifier:
     def __init__(self, tx: Transaction, sets: list[ArcSet], resolver: BoundResolver) -> None:
         self.sets = {s.instance: s for s in sets}
         self.resolver = resolver
-        names = {n for s in sets for n in _names(s.tags[AMS])}
-        self.ams_message = HeaderDKIM(header_bytes(tx, names), minkey=MIN_RSA_BITS)
+        names = {n for s in sets for n in signed_names(s.tags[AMS])}
+        self.ams_message = header_dkim(tx, names)
         # every ARC field, the newest set first: dkimpy picks signed fields bottom-up by
         # name, so an AS of instance k, counting k AARs, k AMSs and k-1 ASs, gets exactly
         # the sets 1..k in instance order (RFC 8617 §5.1.1) wherever they stood
         ordered = [s.fields[k] for s in reversed(sets) for k in (AS, AMS, AAR)]
-        self.seal_message = HeaderDKIM(render_message(((h.name, h.value) for h in ordered),
-                                                      None), minkey=MIN_RSA_BITS)
+        self.seal_message = HeaderDKIM(None, minkey=MIN_RSA_BITS)
+        self.seal_message.headers = header_fields((h.name, h.value) for h in ordered)
         self.all_seal_headers = list(self.seal_message.headers)
         keys: set[BodyKey] = {body_key(s.tags[AMS], ARC_C) for s in sets}
         self.hashes: dict[BodyKey, BodyHash] = body_hashes(tx.body, keys)
@@ -262,7 +192,7 @@ class Verifier:
             raise Broken(f"l= signs {body.limit} of {body.length} body bytes")
         sig = dict(tags)
         sig.setdefault(b"c", ARC_C)
-        self._verify(self.ams_message, sig, _names(tags), _parsed(s.fields[AMS]), record)
+        self._verify(self.ams_message, sig, signed_names(tags), _parsed(s.fields[AMS]), record)
 
     def seal(self, instance: int) -> None:
         """Verify the AS of `instance` over the sets 1..instance; Broken or Unknown."""
@@ -339,7 +269,7 @@ def vouches(sets: list[ArcSet], trusted: tuple[str, ...],
     (RFC 6376 §5.4), so their findings are about this message's author."""
     out = []
     for s in reversed(sets):
-        if s.sealer() not in trusted or b"from" not in _names(s.tags[AMS]):
+        if s.sealer() not in trusted or b"from" not in signed_names(s.tags[AMS]):
             continue
         if oldest_pass and s.instance < oldest_pass:
             continue  # a later hop changed what this sealer signed

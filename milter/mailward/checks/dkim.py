@@ -43,10 +43,9 @@ from mailward.core.dkimglue import (
     ALGORITHMS,
     MIN_RSA_BITS,
     WSP,
-    HeaderDKIM,
     body_hashes,
     body_key,
-    header_bytes,
+    header_dkim,
     judge_key,
     shape_problem,
     tag_problem,
@@ -209,7 +208,7 @@ def verify_all(tx: Transaction, values: list[str], *, resolver: BoundResolver,
         return [s for s in out if isinstance(s, DkimSignature)]
     names = {FIELD.lower().encode()} | {n.strip().lower() for p in pending
                                         for n in p.tags.get(b"h", b"").split(b":")}
-    message = HeaderDKIM(header_bytes(tx, names), minkey=MIN_RSA_BITS)
+    message = header_dkim(tx, names)
     hashes = body_hashes(tx.body, {body_key(p.tags) for p in pending})
     done: list[DkimSignature] = []
     for item in out:

@@ -34,7 +34,7 @@ from mailward.core.transaction import Direction, Stage, Transaction, render_mess
 from mailward.core.verdict import AddHeader, CheckResult, Result, apply_edits
 from mailward.services import dkimcrypto
 from mailward.services import keys as keymod
-from mailward.services.dns import DnsError, Resolver
+from mailward.services.dns import Resolver
 
 dkimcrypto.install()  # dkimpy's RSA through OpenSSL (services/dkimcrypto.py)
 
@@ -180,19 +180,7 @@ def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
 
 def published_key_warnings(settings: Settings, resolver: Resolver) -> list[str]:
     """Keys that DNS does not publish as configured (their signatures would not verify)."""
-    warnings = []
-    for key in settings.loaded:
-        name = f"{key.selector}._domainkey.{key.domain}"
-        try:
-            records = resolver.txt(name)
-        except DnsError as exc:
-            warnings.append(f"dkim_sign: cannot check {name} in DNS: {exc}")
-            continue
-        if not any(keymod.published_key(r) == key.public for r in records):
-            warnings.append(f"dkim_sign: the key {key.path} does not match the record "
-                            f"at {name} ({'none' if not records else 'different'}); "
-                            "signatures will not verify")
-    return warnings
+    return keymod.published_key_warnings(settings.loaded, resolver, check=NAME)
 
 
 class DkimSign(ModuleCheck[Settings]):

@@ -145,6 +145,27 @@ def body_hashes(body: Body | None, keys: Iterable[BodyKey]) -> dict[BodyKey, Bod
     return hashes
 
 
+def header_fields(headers: Iterable[tuple[str, str]]) -> list[list[bytes]]:
+    """Header fields as dkimpy's parser gives them (the name; the value with CRLF folds and
+    its line end), built in linear time: dkimpy's rfc822_parse appends each continuation
+    line to a bytes value, which is quadratic in a field of many short folds (100 KB of them:
+    35 ms; 1 MB: 5 s)."""
+    return [[name.encode("ascii", "surrogateescape"),
+             value.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8",
+                                                                     "surrogateescape")
+             + b"\r\n"] for name, value in headers]
+
+
+def header_dkim(tx: Transaction, names: set[bytes] | None = None) -> HeaderDKIM:
+    """A HeaderDKIM holding the fields of the (lower-case) `names`, in their order (see
+    `header_bytes`), parsed in linear time (`header_fields`)."""
+    message = HeaderDKIM(None, minkey=MIN_RSA_BITS)
+    message.headers = header_fields((h.name, h.value) for h in tx.headers
+                             if names is None
+                             or h.name.encode("ascii", "surrogateescape").lower() in names)
+    return message
+
+
 def header_bytes(tx: Transaction, names: set[bytes] | None = None) -> bytes:
     """The header as received, and an empty body: what dkimpy is given. With `names`, only
     the fields of those (lower-case) names, in their order: a signature's hash selects fields

@@ -26,6 +26,8 @@ import nacl.signing
 from dkim.crypto import UnparsableKeyError, parse_pem_private_key, parse_public_key
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from mailward.services.dns import DnsError, Resolver
+
 
 class KeyFileError(ValueError):
     """A key file is unusable; the message names the file and why."""
@@ -116,6 +118,24 @@ def published_key(record: bytes) -> bytes | None:
         return modulus.to_bytes((modulus.bit_length() + 7) // 8, "big")
     except (InvalidTagValueList, UnparsableKeyError, ValueError, IndexError, KeyError):
         return None
+
+
+def published_key_warnings(keys: tuple[SigningKey, ...], resolver: Resolver, *, check: str,
+                           what: str = "signatures") -> list[str]:
+    """Keys that DNS does not publish as configured (what they sign would not verify)."""
+    warnings = []
+    for key in keys:
+        name = f"{key.selector}._domainkey.{key.domain}"
+        try:
+            records = resolver.txt(name)
+        except DnsError as exc:
+            warnings.append(f"{check}: cannot check {name} in DNS: {exc}")
+            continue
+        if not any(published_key(r) == key.public for r in records):
+            warnings.append(f"{check}: the key {key.path} does not match the record "
+                            f"at {name} ({'none' if not records else 'different'}); "
+                            f"{what} will not verify")
+    return warnings
 
 
 def dns_record(key: SigningKey) -> str:
