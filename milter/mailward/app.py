@@ -25,6 +25,7 @@ from mailward.core.config import Config
 from mailward.core.snapshot import Snapshot
 from mailward.errors import ConfigError, MailwardError
 from mailward.services.metrics import Metrics
+from mailward.services.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class App:
         self.metrics = metrics if metrics is not None else Metrics()
         self._snapshot = snapshotmod.build(configmod.load(path, registry), metrics=self.metrics)
         self._reload_lock = threading.Lock()
+        self.notifier = Notifier()
 
     @property
     def snapshot(self) -> Snapshot:
@@ -51,7 +53,17 @@ class App:
         return self._snapshot.config
 
     def reload(self) -> bool:
-        """Load the config file again; keep the running snapshot when the new one is bad."""
+        """Load the config file again; keep the running snapshot when the new one is bad.
+
+        systemd hears RELOADING=1 before and READY=1 after, whatever the outcome.
+        """
+        self.notifier.reloading()
+        try:
+            return self._reload()
+        finally:
+            self.notifier.ready()
+
+    def _reload(self) -> bool:
         with self._reload_lock:
             try:
                 new = configmod.load(self.path, self.registry)
@@ -102,7 +114,9 @@ class App:
         checks = ", ".join(f"{link.name}({link.mode})" for link in cfg.chain)
         log.info("mailward listening on %s, checks: %s", cfg.milter.socket, checks or "none")
         try:
-            serve(self, socket=cfg.milter.socket, timeout=int(cfg.milter.timeout))
+            serve(self, socket=cfg.milter.socket, timeout=int(cfg.milter.timeout),
+                  on_ready=self.notifier.ready)
         except ServeError as exc:
             raise MailwardError(f"[milter] socket {cfg.milter.socket}: {exc}") from None
+        self.notifier.stopping()
         log.info("mailward stopped")

@@ -102,8 +102,11 @@ def _nodelay_listeners() -> int:
     return count
 
 
-def serve(runtime: Runtime, *, socket: str, timeout: int) -> None:
+def serve(runtime: Runtime, *, socket: str, timeout: int,
+          on_ready: Callable[[], None] | None = None) -> None:
     """Register the milter class with libmilter and serve until a stop signal.
+
+    `on_ready` is called once the socket is open and restricted, before the first connection.
 
     A unix socket gets mode 0660 and, when the group exists, group `postfix` (Postfix's
     smtpd and cleanup run as user postfix): only the MTA and our own user may connect, so no
@@ -138,6 +141,8 @@ def serve(runtime: Runtime, *, socket: str, timeout: int) -> None:
             restrict(path)
         elif socket.startswith("inet"):
             log.debug("TCP_NODELAY set on %d listening socket(s)", _nodelay_listeners())
+        if on_ready is not None:
+            on_ready()
         return done
 
     Milter.milter.opensocket = open_socket

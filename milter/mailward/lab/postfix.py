@@ -463,6 +463,7 @@ class MailwardProcess:
     port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
     dns_port: int = 53
+    env: dict[str, str] = field(default_factory=dict)  # added to the child's environment
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -497,7 +498,7 @@ class MailwardProcess:
 
     def start(self) -> None:
         self.write()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mailward", "run", "-c", str(self.config_path())],
