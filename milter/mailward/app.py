@@ -24,6 +24,7 @@ from mailward.core.check import Registry
 from mailward.core.config import Config
 from mailward.core.snapshot import Snapshot
 from mailward.errors import ConfigError, MailwardError
+from mailward.services import watchdog
 from mailward.services.metrics import Metrics
 from mailward.services.sdnotify import Notifier
 
@@ -43,6 +44,7 @@ class App:
         self._snapshot = snapshotmod.build(configmod.load(path, registry), metrics=self.metrics)
         self._reload_lock = threading.Lock()
         self.notifier = Notifier()
+        self._watchdog: threading.Event | None = None
 
     @property
     def snapshot(self) -> Snapshot:
@@ -98,6 +100,14 @@ class App:
             signal.sigwait({signal.SIGUSR1})
             self.reload()
 
+    def _ready(self) -> None:
+        """The socket is open: tell systemd, and start the watchdog if it asked for one."""
+        self.notifier.ready()
+        period = watchdog.interval()
+        if period is not None and self.notifier.enabled:
+            log.info("watchdog: probing %s every %.1fs", self.config.milter.socket, period / 4)
+            self._watchdog = watchdog.start(self.config.milter.socket, self.notifier, period)
+
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT/SIGHUP."""
         cfg = self.config
@@ -115,8 +125,11 @@ class App:
         log.info("mailward listening on %s, checks: %s", cfg.milter.socket, checks or "none")
         try:
             serve(self, socket=cfg.milter.socket, timeout=int(cfg.milter.timeout),
-                  on_ready=self.notifier.ready)
+                  on_ready=self._ready)
         except ServeError as exc:
             raise MailwardError(f"[milter] socket {cfg.milter.socket}: {exc}") from None
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.set()
         self.notifier.stopping()
         log.info("mailward stopped")

@@ -29,8 +29,8 @@ def test_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
                                security).group(1))  # type: ignore[union-attr]
     assert exposure <= 1.4, security
     text = UNIT.read_text()
-    for line in ("Type=notify\n", "NotifyAccess=main", "User=mailward", "Restart=on-failure",
-                 "NoNewPrivileges=yes",
+    for line in ("Type=notify\n", "NotifyAccess=main", "WatchdogSec=", "User=mailward",
+                 "Restart=on-failure", "NoNewPrivileges=yes",
                  "ExecReload=/bin/kill -USR1 $MAINPID", "milter_default_action = tempfail",
                  "milter_protocol = 6", "non_smtpd_milters"):
         assert line in text
