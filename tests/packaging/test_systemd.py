@@ -11,6 +11,7 @@ from pathlib import Path
 from tests.conftest import need
 
 UNIT = Path(__file__).resolve().parents[2] / "packaging" / "systemd" / "mailward.service"
+TMPFILES = UNIT.with_suffix(".tmpfiles")
 
 
 def test_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
@@ -34,3 +35,11 @@ def test_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
                  "ExecReload=/bin/kill -USR1 $MAINPID", "milter_default_action = tempfail",
                  "milter_protocol = 6", "non_smtpd_milters"):
         assert line in text
+
+
+def test_tmpfiles_makes_the_socket_directory_for_postfix() -> None:
+    lines = [ln.split() for ln in TMPFILES.read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    assert lines == [["d", "/var/spool/postfix/mailward", "2750", "mailward", "postfix", "-"]]
+    assert "ReadWritePaths=-/var/spool/postfix/mailward" in UNIT.read_text()
+    assert "Sendmail-only" in TMPFILES.read_text()
