@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-import time
 
 from mailward.adapter.milter import ServeError, serve
 from mailward.checks import REGISTRY
@@ -109,19 +108,6 @@ class App:
             log.info("watchdog: probing %s every %.1fs", self.config.milter.socket, period / 4)
             self._watchdog = watchdog.start(self.config.milter.socket, self.notifier, period)
 
-    def _drain(self, grace: float) -> None:
-        """libmilter has stopped accepting and does not wait for open connections: wait until
-        they are closed (their transactions finished) or `grace` seconds have passed."""
-        deadline = time.monotonic() + grace
-        while (open_ := self.metrics.registry.get_sample_value(
-                "mailward_connections_active") or 0) > 0:
-            if time.monotonic() >= deadline:
-                log.warning("stop: %d connection(s) still open after stop_grace %gs",
-                            open_, grace)
-                return
-            log.debug("stop: waiting for %d open connection(s)", open_)
-            time.sleep(0.05)
-
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT/SIGHUP."""
         cfg = self.config
@@ -146,5 +132,4 @@ class App:
             if self._watchdog is not None:
                 self._watchdog.set()
         self.notifier.stopping()
-        self._drain(self.config.milter.stop_grace)
         log.info("mailward stopped")

@@ -48,8 +48,6 @@ def test_describe_round_trips() -> None:
      "[milter] socket: expected inet:PORT@HOST, inet6:PORT@ADDRESS or unix:/absolute/path, "
      "got 'inet:99999@127.0.0.1'"),
     ("[milter]\nsocket = unix:relative.sock\n", "[milter] socket: expected"),
-    ("[milter]\nstop_grace = soon\n", "[milter] stop_grace: expected"),
-    ("[milter]\nstop_grace = 7200\n", "[milter] stop_grace: expected"),
     ("[milter]\nsocket = tcp:25@localhost\n", "[milter] socket: expected"),
     ("[milter]\nsocket = inet6:8895@127.0.0.1\n", "[milter] socket: expected"),
     ("[milter]\nsockte = inet:8895@127.0.0.1\n",

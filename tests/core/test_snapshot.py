@@ -86,19 +86,3 @@ def test_a_bad_reload_keeps_the_running_snapshot(tmp_path: Path) -> None:
     ini.write_text("[milter]\nsocket = nonsense\n")
     assert not app.reload()
     assert app.snapshot is running
-
-
-def test_stop_grace_ends_the_wait_for_open_connections(tmp_path: Path,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
-    """A connection that never closes does not keep mailward from stopping: the wait ends with
-    stop_grace and says how many were still open."""
-    ini = tmp_path / "m.ini"
-    write(ini, "one.example")
-    app = App(str(ini))
-    app.metrics.connections_active.inc()
-    app._drain(0.1)  # the stop path, without libmilter
-    assert "1 connection(s) still open after stop_grace 0.1s" in caplog.text
-    app.metrics.connections_active.dec()
-    caplog.clear()
-    app._drain(3600)  # nothing open: returns at once
-    assert "still open" not in caplog.text
