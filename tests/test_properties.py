@@ -126,6 +126,7 @@ def test_any_authentication_results_value_gets_a_defined_answer(value: str) -> N
                                                               "remote-ip", "oldest-pass"]),
                                              ANY_TEXT), max_size=3)),
                 min_size=1, max_size=4))
+@example([("spf", Result.PASS, "", "", [("smtp", "mailfrom", "=@1")])])  # found by make fuzz
 def test_what_we_render_our_parser_reads_back(entries: list[Any]) -> None:
     """Every Authentication-Results we write reads back, one result per entry: what ARC
     sealing copies into an ARC-Authentication-Results is never lost."""

@@ -43,7 +43,13 @@ def test_a_typical_field() -> None:
     ("mx.example; dkim; spf=fail", AuthResults("mx.example", (
         ResInfo("spf", "fail", (), "spf=fail"),))),
     ("mx.example; dkim=pass nodot=x", AuthResults("mx.example")),
-    ("mx.example; spf=pass smtp.mailfrom=a=b", AuthResults("mx.example")),
+    # a value runs on through what touches it: `=` is atext in a local-part (RFC 5322)
+    ("mx.example; spf=pass smtp.mailfrom==@b.example", AuthResults("mx.example", (
+        ResInfo("spf", "pass", (("smtp.mailfrom", "=@b.example"),),
+                "spf=pass smtp.mailfrom==@b.example"),))),
+    ("mx.example; spf=pass smtp.mailfrom= a@b", AuthResults("mx.example", (
+        ResInfo("spf", "pass", (("smtp.mailfrom", "a@b"),), "spf=pass smtp.mailfrom= a@b"),))),
+    ("mx.example; spf=pass smtp.mailfrom=", AuthResults("mx.example")),
 ])
 def test_what_is_read_and_what_is_left_out(value: str, expected: AuthResults) -> None:
     assert parse(value) == expected

@@ -133,25 +133,40 @@ def tokenize(s: str) -> list[Token] | None:
     return tokens
 
 
+def _value(tokens: list[Token], i: int) -> tuple[str, int]:
+    """The property value starting at `tokens[i]`: it runs on through tokens that touch it
+    (`x@y`, and `=` inside a dot-atom local-part: `smtp.mailfrom==@example.com`, RFC 8601
+    §2.2 pvalue). The value and the index after it; ('', i) when there is none."""
+    if i >= len(tokens) or tokens[i][0] == SEMI:
+        return "", i
+    parts, end = [tokens[i][1]], tokens[i][3]
+    i += 1
+    while i < len(tokens) and tokens[i][2] == end and tokens[i][0] in (WORD, QUOTED, EQ):
+        parts.append(tokens[i][1])
+        end = tokens[i][3]
+        i += 1
+    return "".join(parts), i
+
+
 def _resinfo(tokens: list[Token], text: str) -> ResInfo | None:
     """`method = result [reason=value] [ptype.property=value ...]`, or None."""
     if len(tokens) < 3 or tokens[0][0] != WORD or tokens[1][0] != EQ or tokens[2][0] != WORD:
         return None
     method = tokens[0][1].partition("/")[0].lower()
     props: list[tuple[str, str]] = []
-    rest = tokens[3:]
-    if len(rest) % 3:
-        return None
-    for k in range(0, len(rest), 3):
-        key, eq, value = rest[k:k + 3]
-        if key[0] != WORD or eq[0] != EQ or value[0] not in (WORD, QUOTED):
+    i = 3
+    while i < len(tokens):
+        if i + 1 >= len(tokens) or tokens[i][0] != WORD or tokens[i + 1][0] != EQ:
             return None
-        name = key[1].lower()
+        name = tokens[i][1].lower()
+        value, i = _value(tokens, i + 2)
+        if not value:
+            return None
         if name != "reason":
             ptype, dot, prop = name.partition(".")
             if not dot or not ptype or not prop:
                 return None
-            props.append((name, value[1]))
+            props.append((name, value))
     return ResInfo(method, tokens[2][1].lower(), tuple(props), text)
 
 
