@@ -47,6 +47,7 @@ def test_a_list_post_is_refused_unless_the_sealer_is_trusted(harness: Harness) -
         "data", 550, "5.7.1 Rejected by the DMARC policy of the sender domain bank.example "
                      "(p=reject)")
     assert harness.not_arrived(mid, wait=1)
+    assert "dmarc_override" not in harness.mw.log()
 
     with harness.configured(TRUST):
         before = harness.metric("mailward_arc_overrides_total", sealer="lists.example")
@@ -61,6 +62,7 @@ def test_a_list_post_is_refused_unless_the_sealer_is_trusted(harness: Harness) -
         assert "dmarc: bank.example (p=reject) accepted by ARC from lists.example" in \
             harness.mw.log()
         assert " arc=pass dmarc=fail " in harness.mw.log()
+        assert " dmarc_override=arc:lists.example verdict=accept " in harness.mw.log()
 
 
 def test_a_later_hop_that_breaks_the_chain_is_refused_again(harness: Harness) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Protocol, TypeVar
 import Milter
 
 from mailward.core import pipeline
+from mailward.core.outcomes import DmarcOutcome
 from mailward.core.snapshot import Snapshot
 from mailward.core.transaction import (
     Body,
@@ -389,7 +390,10 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
         quarantine = (f" reason=\"{verdict.quarantine_reason}\""
                       if verdict.quarantine_reason else "")
         user = f" user={tx.auth_user}" if tx.auth_user else ""
-        log.info("qid=%s client=%s%s direction=%s from=<%s> rcpts=%d %s verdict=%s%s%s gen=%d",
+        sealers = [r.outcome.arc_override for r in verdict.results
+                   if isinstance(r.outcome, DmarcOutcome) and r.outcome.arc_override]
+        override = f" dmarc_override=arc:{sealers[0]}" if sealers else ""
+        log.info("qid=%s client=%s%s direction=%s from=<%s> rcpts=%d %s%s verdict=%s%s%s gen=%d",
                  self.queue_id, tx.client_ip or tx.client_name or "-", user, tx.direction,
-                 tx.mail_from, len(tx.recipients), checks, verdict.action, reply, quarantine,
-                 self.snapshot.generation)
+                 tx.mail_from, len(tx.recipients), checks, override, verdict.action, reply,
+                 quarantine, self.snapshot.generation)
