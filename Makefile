@@ -9,7 +9,7 @@ DEB_LAB = postfix openssl
 # systemd-analyze to check the unit file.
 DEB_TEST = redis-server systemd
 
-.PHONY: demo test lint deps test-deps venv clean fuzz bench-memory soak bench
+.PHONY: demo test lint deps test-deps venv clean fuzz bench-memory soak bench docs
 
 deps:
 	sh packaging/debian-deps.sh $(DEB_BUILD) $(DEB_LAB)
@@ -67,6 +67,12 @@ bench: deps
 	sh packaging/debian-deps.sh $(DEB_BENCH)
 	$(MAKE) venv
 	$(VENV)/bin/python bench/peers.py $(BENCH_ARGS)
+
+# The configuration and metrics references, generated from the code (tests/test_reference.py
+# fails when the committed files differ from what this writes).
+docs: venv
+	$(VENV)/bin/mailward docs config > docs/configuration.md
+	$(VENV)/bin/mailward docs metrics > docs/metrics.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info milter/*.egg-info .pytest_cache .mypy_cache .ruff_cache

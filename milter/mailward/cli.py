@@ -8,8 +8,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 
-from mailward import __version__
+from mailward import __version__, reference
 from mailward.app import App
 from mailward.checks import REGISTRY
 from mailward.core import config as configmod
@@ -18,6 +19,7 @@ from mailward.errors import MailwardError
 from mailward.lab.demo import main as demo_main
 from mailward.scan import report_dict, scan
 from mailward.services import keys
+from mailward.services.metrics import Metrics
 
 DEFAULT_CONFIG = "/etc/mailward/mailward.ini"
 
@@ -140,6 +142,26 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+# Loaders of sections read outside config.load (a service's own section), each called with no
+# configuration: the generated reference and its test see their keys too.
+REFERENCE_LOADERS: tuple[Callable[[], object], ...] = ()
+
+
+def cmd_docs(args: argparse.Namespace) -> int:
+    if args.what == "metrics":
+        sys.stdout.write(reference.metrics_md([Metrics()]))
+        return 0
+    with open(args.annotated, encoding="utf-8") as fh:
+        sys.stdout.write(reference.configuration_md(REGISTRY, fh.read(), REFERENCE_LOADERS))
+    return 0
+
+
+def _annotated_default() -> str:
+    """conf/mailward.ini of a source checkout, else the installed copy."""
+    here = os.path.join(os.path.dirname(__file__), "..", "..", "conf", "mailward.ini")
+    return os.path.normpath(here) if os.path.exists(here) else DEFAULT_CONFIG
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(keep=args.keep)
 
@@ -177,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, choices=(1024, 2048, 3072, 4096), default=2048)
     p.add_argument("--dir", default=".", help="where to write DOMAIN.SELECTOR.key")
     p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("docs", help="print the configuration or metrics reference "
+                                    "(Markdown, generated from the code)")
+    p.add_argument("what", choices=("config", "metrics"))
+    p.add_argument("--annotated", default=_annotated_default(),
+                   help="the annotated INI whose comments give each key's meaning "
+                        "(default: conf/mailward.ini)")
+    p.set_defaults(func=cmd_docs)
 
     p = sub.add_parser("demo", help="run a private Postfix with mailward and send samples "
                                     "(Debian, root)")

@@ -8,11 +8,13 @@ silently disable a check. This module knows no section or check by name.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import ipaddress
 import re
-from collections.abc import Callable, Iterable, Mapping
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextvars import ContextVar
+from typing import NamedTuple, TypeVar
 
 from mailward.core.verdict import Reply
 from mailward.errors import ConfigError
@@ -20,6 +22,31 @@ from mailward.errors import ConfigError
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 E = TypeVar("E", bound=enum.Enum)
 T = TypeVar("T")
+
+
+
+class Key(NamedTuple):
+    """One key as the code reads it: what `recording` collects for the generated reference."""
+
+    section: str
+    key: str
+    expected: str
+    default: object
+
+
+_RECORD: ContextVar[dict[tuple[str, str], Key] | None] = ContextVar("ini_record", default=None)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[dict[tuple[str, str], Key]]:
+    """Collect every key read (section, name, expected form, default) while the block runs."""
+    found: dict[tuple[str, str], Key] = {}
+    token = _RECORD.set(found)
+    try:
+        yield found
+    finally:
+        _RECORD.reset(token)
+
 
 _TRUE = {"yes", "true", "on", "1"}
 _FALSE = {"no", "false", "off", "0"}
@@ -46,8 +73,14 @@ class Section:
         value = self._items.get(key)
         return None if value is None else value.strip()
 
+    def _note(self, key: str, expected: str, default: object) -> None:
+        found = _RECORD.get()
+        if found is not None:  # the last, most specific description wins
+            found[(self.name, key)] = Key(self.name, key, expected, default)
+
     def parse(self, key: str, default: T, expected: str, convert: Callable[[str], T]) -> T:
         """Convert the key's value with `convert`; a ValueError names the key and `expected`."""
+        self._note(key, expected, default)
         raw = self._raw(key)
         if raw is None:
             return default
@@ -120,6 +153,7 @@ class Section:
 
     def words(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
         """A comma- or space-separated list."""
+        self._note(key, "a list of words", default)
         raw = self._raw(key)
         if raw is None:
             return default
@@ -127,7 +161,9 @@ class Section:
 
     def domains(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
         out = []
-        for word in self.words(key, default):
+        words = self.words(key, default)
+        self._note(key, "a list of domain names", default)
+        for word in words:
             if not DOMAIN_RE.fullmatch(word):
                 raise self.error(key, "a list of domain names", word)
             out.append(word.rstrip(".").lower())
@@ -135,7 +171,9 @@ class Section:
 
     def networks(self, key: str, default: tuple[str, ...]) -> tuple[IPNetwork, ...]:
         out = []
-        for word in self.words(key, default):
+        words = self.words(key, default)
+        self._note(key, "a list of IP networks", default)
+        for word in words:
             try:
                 out.append(ipaddress.ip_network(word, strict=False))
             except ValueError:
