@@ -101,8 +101,8 @@ def format_report(data: dict[str, object]) -> str:
         lines.append("end of message: not reached (refused before DATA)")
         return "\n".join(lines) + "\n"
     verdict("end of message", final)
-    if final["quarantine_reason"]:
-        lines.append(f"  quarantine: {final['quarantine_reason']}")
+    if final["quarantine"]:
+        lines.append(f"  quarantine ({final['quarantine']}): {final['quarantine_reason']}")
     for r in final["results"]:
         would = f" (monitor: would {r['would']})" if r["would"] else ""
         lines.append(f"  {r['check']:<8} {r['result']:<9} {r['reason']}{would}")

@@ -25,7 +25,7 @@ from mailward.core.check import Registry
 from mailward.errors import ConfigError
 
 # Keys every [check.NAME] section has; conf/mailward.ini documents them once, not per check.
-COMMON_CHECK_KEYS = ("enabled", "mode", "on_error")
+COMMON_CHECK_KEYS = ("enabled", "mode", "on_error", "quarantine")
 
 _SECTION_RE = re.compile(r"\[([a-z0-9_.]+)\]\s*\Z")
 _KEY_RE = re.compile(r"#?([a-z0-9_]+) = ?(.*)\Z")  # `key = value` or a commented `#key = value`
@@ -182,7 +182,8 @@ def configuration_md(registry: Registry, conf_text: str,
             seen.setdefault(k.key, k)
         lines += ["## Keys of every [check.NAME] section", "", "| key | form | default |",
                   "|---|---|---|"]
-        defaults = {"enabled": "yes", "mode": "[milter] mode", "on_error": "[policy] on_error"}
+        defaults = {"enabled": "yes", "mode": "[milter] mode", "on_error": "[policy] on_error",
+                    "quarantine": "[policy] quarantine"}
         for name in COMMON_CHECK_KEYS:
             if name in seen:
                 lines.append(f"| `{name}` | {_cell(seen[name].expected)} | {defaults[name]} |")

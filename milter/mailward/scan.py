@@ -123,6 +123,7 @@ def report_dict(report: ScanReport) -> dict[str, object]:
             "reply": str(v.reply) if v.reply else None,
             "decided_by": v.decided_by or None,
             "quarantine_reason": v.quarantine_reason or None,
+            "quarantine": str(v.quarantine) if v.action is Action.QUARANTINE else None,
             "results": [{"check": r.check, "result": str(r.result), "action": str(r.action),
                          "reason": r.reason, "would": str(r.would) if r.would else None}
                         for r in v.results],

@@ -200,3 +200,11 @@ def test_nodelay_is_set_on_listening_tcp_sockets() -> None:
             with conn:
                 assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
             client.close()
+
+
+def test_header_values_reach_pymilter_as_utf8_text() -> None:
+    assert adapter._utf8(" caf\u00e9 \u2014 ok") == " caf\u00e9 \u2014 ok"  # valid: unchanged
+    assert adapter._utf8(" caf\udce9") == " caf\ufffd"  # an undecoded byte: replaced
+    adapter._utf8(" caf\udce9").encode("utf-8")  # and it encodes, where the raw one raises
+    with pytest.raises(UnicodeEncodeError):
+        " caf\udce9".encode("utf-8")

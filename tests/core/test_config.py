@@ -9,7 +9,7 @@ import pytest
 from mailward.checks import REGISTRY
 from mailward.core import config
 from mailward.core.settings import Mode
-from mailward.core.verdict import Action, Reply
+from mailward.core.verdict import Action, Quarantine, Reply
 from mailward.errors import ConfigError
 from tests.conftest import loads
 
@@ -98,6 +98,16 @@ def test_describe_round_trips() -> None:
     ("[check.trace]\naction = scramble\n", "[check.trace] action: expected remove or rewrite"),
     ("[check.authres]\ndirections = sideways\n", "[check.authres] directions: expected a list"),
     ("[check.spam]\nenabled = yes\n", "[check.spam]: unknown section"),
+    ("[policy]\nquarantine = junk\n", "[policy] quarantine: expected one of hold, tag"),
+    ("[check.dmarc]\nquarantine = junk\n", "[check.dmarc] quarantine: expected one of hold, tag"),
+    ("[policy]\nquarantine_header = Subject\n", "[policy] quarantine_header: expected a header "
+                                                "field name"),
+    ("[policy]\nquarantine_header = X-Spam: yes\n", "[policy] quarantine_header: expected"),
+    ("[policy]\nquarantine_header = " + "X" * 65 + "\n", "[policy] quarantine_header: expected"),
+    ("[policy]\nquarantine_subject_tag = [SP\u00e4M]\n",
+     "[policy] quarantine_subject_tag: expected printable ASCII"),
+    ("[policy]\nquarantine_subject_tag = " + "x" * 33 + "\n",
+     "[policy] quarantine_subject_tag: expected printable ASCII"),
     ("[milter\nsocket = x\n", "not a valid INI file"),
 ])
 def test_errors_name_the_place(text: str, expected: str) -> None:
@@ -220,3 +230,12 @@ def test_a_chain_of_disabled_checks_is_warned_about() -> None:
     assert cfg.chain == ()
     assert cfg.warnings == ("[policy] checks: every listed check is disabled (enabled = no): "
                             "mail passes unchecked",)
+
+
+def test_quarantine_per_check_defaults_to_the_policy() -> None:
+    cfg = loads("[policy]\nquarantine = tag\nquarantine_subject_tag = [SPAM]\n"
+                "[check.tls]\nquarantine = hold\n")
+    modes = {link.name: link.quarantine for link in cfg.chain}
+    assert modes["tls"] is Quarantine.HOLD and modes["dmarc"] is Quarantine.TAG
+    assert (cfg.policy.quarantine_header, cfg.policy.quarantine_subject_tag) == (
+        "X-Mailward-Quarantine", "[SPAM]")

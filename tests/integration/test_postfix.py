@@ -190,6 +190,34 @@ def test_dmarc_quarantine_goes_to_the_hold_queue(harness: Harness) -> None:
     assert "dmarc: held.example: p=quarantine at held.example" in harness.mw.log()
 
 
+def test_a_tagged_quarantine_is_delivered_with_the_reason_for_the_users_junk_folder(
+        harness: Harness) -> None:
+    forged = "X-Mailward-Quarantine: none, trust me\r\n"
+    mid, data = harness.message(forged, sender="billing@held.example", to="q3@example.net")
+    with harness.configured("[policy]\nquarantine_subject_tag = [SPAM]\n"
+                            "[check.dmarc]\nquarantine = tag\n"):
+        assert harness.send(data, ("q3@example.net",), mail_from="alice@example.org").code == 250
+        headers = harness.arrived(mid).headers()
+    assert not harness.held_for("q3@example.net")
+    assert [v.strip() for n, v in headers if n == "X-Mailward-Quarantine"] == [
+        "dmarc: held.example: p=quarantine at held.example, applied quarantine"]
+    assert dict(headers)["Subject"].strip() == "[SPAM] test"
+    assert "verdict=quarantine quarantine=tag reason=" in harness.mw.log()
+    # a folded UTF-8 Subject is tagged byte for byte; raw 8-bit bytes (no charset) cannot go
+    # back through pymilter, so such a Subject is left as it came: delivered, not tempfailed
+    for subject, tagged in (("caf\u00e9\r\n au lait", "[SPAM] caf\u00e9\r\n au lait"),
+                            ("caf\udce9\r\n au lait", "caf\udce9\r\n au lait")):
+        mid, data = harness.message(f"Subject: {subject}\r\n", sender="billing@held.example",
+                                    to="q4@example.net")
+        with harness.configured("[policy]\nquarantine_subject_tag = [SPAM]\n"
+                                "[check.dmarc]\nquarantine = tag\n"):
+            out = harness.send(data, ("q4@example.net",), mail_from="alice@example.org")
+            assert out.code == 250, out
+            raw = harness.arrived(mid).data
+        want = f"\nSubject: {tagged}\r\n".encode("utf-8", "surrogateescape")
+        assert want in raw and b"\nX-Mailward-Quarantine: dmarc: " in raw, raw
+
+
 def test_submitted_mail_is_signed_and_inbound_is_not(harness: Harness, tmp_path: Path) -> None:
     rsa = keys.generate(domain="example.org", selector="sub1", directory=str(tmp_path))
     ed = keys.generate(domain="example.org", selector="sub2", kind="ed25519",

@@ -42,6 +42,7 @@ from mailward.core.verdict import (
     ChangeHeader,
     CheckResult,
     DeleteHeader,
+    Quarantine,
     Verdict,
 )
 from mailward.services.dns import Budget
@@ -188,6 +189,17 @@ def _address(hostaddr: Any) -> IPAddress | None:
         except ValueError:
             return None
     return None
+
+
+def _utf8(value: str) -> str:
+    """`value` as pymilter can pass it on (UTF-8 only). Header bytes that were not UTF-8 came
+    in as surrogate escapes: a value built from them (e.g. a rewritten Received field) gets
+    U+FFFD in their place rather than an exception that would tempfail the message forever."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return value
 
 
 @Milter.header_leading_space
@@ -365,13 +377,13 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
             if isinstance(edit, DeleteHeader):
                 self.chgheader(edit.name, edit.index, "")
             elif isinstance(edit, ChangeHeader):
-                self.chgheader(edit.name, edit.index, lead + edit.value.lstrip())
+                self.chgheader(edit.name, edit.index, _utf8(lead + edit.value.lstrip()))
             elif isinstance(edit, AddHeader):
                 if edit.top:
-                    self.addheader(edit.name, lead + edit.value, 0)
+                    self.addheader(edit.name, _utf8(lead + edit.value), 0)
                 else:
-                    self.addheader(edit.name, lead + edit.value)
-        if verdict.action is Action.QUARANTINE:
+                    self.addheader(edit.name, _utf8(lead + edit.value))
+        if verdict.action is Action.QUARANTINE and verdict.quarantine is Quarantine.HOLD:
             self.quarantine(verdict.quarantine_reason or "mailward")
         return ACCEPT
 
@@ -387,8 +399,8 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
         checks = " ".join(f"{r.check}={r.result}" + (f"(would {r.would})" if r.would else "")
                           for r in verdict.results)
         reply = f" reply=\"{verdict.reply}\"" if verdict.reply else ""
-        quarantine = (f" reason=\"{verdict.quarantine_reason}\""
-                      if verdict.quarantine_reason else "")
+        quarantine = (f" quarantine={verdict.quarantine} reason=\"{verdict.quarantine_reason}\""
+                      if verdict.action is Action.QUARANTINE else "")
         user = f" user={tx.auth_user}" if tx.auth_user else ""
         sealers = [r.outcome.arc_override for r in verdict.results
                    if isinstance(r.outcome, DmarcOutcome) and r.outcome.arc_override]

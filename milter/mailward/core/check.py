@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from mailward.core.ini import Section
 from mailward.core.settings import MilterSettings, Mode
 from mailward.core.transaction import Direction, Stage, Transaction
-from mailward.core.verdict import Action, CheckResult
+from mailward.core.verdict import Action, CheckResult, Quarantine
 from mailward.services.dns import BoundResolver, Resolver
 from mailward.services.metrics import Metrics
 from mailward.services.ratestore import RateStore, StoreSpec
@@ -131,6 +131,7 @@ class Link(Generic[S]):
     settings: S
     mode: Mode
     on_error: Action
+    quarantine: Quarantine = Quarantine.HOLD  # how this check's quarantine is carried out
 
     @property
     def name(self) -> str:

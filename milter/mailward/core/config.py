@@ -22,14 +22,18 @@ from mailward.core.check import Link, Registry
 from mailward.core.ini import Section
 from mailward.core.settings import (
     ERROR_ACTIONS,
+    QUARANTINE_HEADER_EXPECTED,
+    SUBJECT_TAG_EXPECTED,
     MetricsSettings,
     MilterSettings,
     Mode,
     PolicySettings,
     is_loopback_host,
     is_tcp,
+    parse_field_name,
+    parse_subject_tag,
 )
-from mailward.core.verdict import Action
+from mailward.core.verdict import Action, Quarantine
 from mailward.errors import ConfigError
 from mailward.services.dns import DnsSettings
 
@@ -102,6 +106,11 @@ def from_parser(path: str, parser: configparser.ConfigParser, registry: Registry
                                 temporary=False),
         tempfail_reply=psec.reply("tempfail_reply", str(PolicySettings.tempfail_reply),
                                   temporary=True),
+        quarantine=psec.choice("quarantine", Quarantine, PolicySettings.quarantine),
+        quarantine_header=psec.parse("quarantine_header", PolicySettings.quarantine_header,
+                                     QUARANTINE_HEADER_EXPECTED, parse_field_name),
+        quarantine_subject_tag=psec.parse("quarantine_subject_tag", "", SUBJECT_TAG_EXPECTED,
+                                          parse_subject_tag),
     )
     warnings = exposure_warnings(milter, metrics)
     chain: list[Link[Any]] = []
@@ -112,12 +121,13 @@ def from_parser(path: str, parser: configparser.ConfigParser, registry: Registry
         if milter.mode is Mode.MONITOR:
             mode = Mode.MONITOR  # global monitor wins: nothing is enforced
         on_error = sec.choice("on_error", Action, policy.on_error, ERROR_ACTIONS)
+        quarantine = sec.choice("quarantine", Quarantine, policy.quarantine)
         settings = check.load(sec)
         sec.finish()
         if f"check.{check.name}" in sections and check.name not in order:
             warnings.append(f"[check.{check.name}] is configured but not in [policy] checks")
         if enabled and check.name in order:
-            chain.append(Link(check, settings, mode, on_error))
+            chain.append(Link(check, settings, mode, on_error, quarantine))
     for s in (section("milter"), section("dns"), section("metrics"), psec):
         s.finish()
     chain.sort(key=lambda link: order.index(link.name))
@@ -186,5 +196,6 @@ def describe(config: Config) -> str:
              block("policy", config.policy)]
     for link in config.chain:
         parts.append(block(f"check.{link.name}", link.settings,
-                           {"enabled": True, "mode": link.mode, "on_error": link.on_error}))
+                           {"enabled": True, "mode": link.mode, "on_error": link.on_error,
+                            "quarantine": link.quarantine}))
     return "\n\n".join(parts) + "\n"

@@ -129,4 +129,8 @@ def evaluate(stage: Stage, tx: Transaction, snapshot: Snapshot, *,
             observe(link.name, result, time.perf_counter() - start)
         results.append(result)
     verdict = policy.decide(tuple(results), config.policy, final=stage is Stage.EOM)
+    if verdict.action is Action.QUARANTINE:
+        modes = {link.name: link.quarantine for link in config.chain}
+        verdict = policy.carry_out_quarantine(verdict, tx.headers, tx.direction, config.policy,
+                                              modes)
     return tx, verdict

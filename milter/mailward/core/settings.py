@@ -9,11 +9,12 @@ from __future__ import annotations
 import enum
 import ipaddress
 import os
+import re
 import socket
 from dataclasses import dataclass
 
 from mailward.core.ini import DOMAIN_RE, IPNetwork, Section
-from mailward.core.verdict import Action, Reply
+from mailward.core.verdict import Action, Quarantine, Reply
 
 
 class Mode(enum.StrEnum):
@@ -174,6 +175,32 @@ class MetricsSettings:
                                     "HOST:PORT with an IP address (empty disables)", parse_listen))
 
 
+# Fields a quarantine header must not be: mailward would delete or rewrite what the message
+# and its authentication depend on.
+_RESERVED_FIELDS = frozenset({
+    "from", "sender", "reply-to", "to", "cc", "bcc", "subject", "date", "message-id",
+    "received", "return-path", "authentication-results", "dkim-signature", "arc-seal",
+    "arc-message-signature", "arc-authentication-results", "mime-version", "content-type",
+    "content-transfer-encoding"})
+QUARANTINE_HEADER_EXPECTED = ("a header field name of letters, digits and hyphens (at most 64), "
+                              "not one the message's authentication depends on")
+SUBJECT_TAG_EXPECTED = "printable ASCII text of at most 32 characters, or empty"
+
+
+def parse_field_name(raw: str) -> str:
+    """A header field name for the quarantine tag (ValueError when unsafe)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}", raw) or raw.lower() in _RESERVED_FIELDS:
+        raise ValueError(raw)
+    return raw
+
+
+def parse_subject_tag(raw: str) -> str:
+    """Text put before a tagged message's Subject, e.g. `[SPAM]`."""
+    if len(raw) > 32 or not all(" " <= c <= "~" for c in raw):
+        raise ValueError(raw)
+    return raw
+
+
 @dataclass(frozen=True)
 class PolicySettings:
     """[policy]: the chain and the replies used when a check does not name its own."""
@@ -183,3 +210,6 @@ class PolicySettings:
     error_reply: Reply = Reply(451, "4.7.0", "Temporary failure in message checks, try again later")
     reject_reply: Reply = Reply(550, "5.7.1", "Message refused by policy")
     tempfail_reply: Reply = Reply(451, "4.7.1", "Try again later")
+    quarantine: Quarantine = Quarantine.HOLD
+    quarantine_header: str = "X-Mailward-Quarantine"
+    quarantine_subject_tag: str = ""

@@ -46,6 +46,15 @@ _SEVERITY = {
     Action.REJECT: 4,
 }
 
+class Quarantine(enum.StrEnum):
+    """How a quarantined message is kept: Postfix's hold queue (`hold`, smfi_quarantine), or
+    delivered with a header naming the reason and an optional subject tag (`tag`), for a Sieve
+    rule to file into Junk where the user sees it."""
+
+    HOLD = "hold"
+    TAG = "tag"
+
+
 _REPLY_RE = re.compile(r"([45])\d\d ([45])\.\d{1,3}\.\d{1,3} (\S.*)")
 _UNSAFE_TEXT = re.compile(r"[^\x20-\x7e]+")
 
@@ -151,6 +160,7 @@ class Verdict:
     quarantine_reason: str = ""
     results: tuple[CheckResult, ...] = ()
     decided_by: str = ""
+    quarantine: Quarantine = Quarantine.HOLD  # how a QUARANTINE verdict is carried out
 
 
 def order_edits(edits: list[HeaderEdit]) -> tuple[HeaderEdit, ...]:
