@@ -19,6 +19,7 @@ from mailward.errors import MailwardError
 from mailward.lab.demo import main as demo_main
 from mailward.scan import report_dict, scan
 from mailward.services import keys
+from mailward.services.dns import DnsError, Resolver
 from mailward.services.metrics import Metrics
 
 DEFAULT_CONFIG = "/etc/mailward/mailward.ini"
@@ -142,6 +143,59 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_or_defaults(path: str) -> configmod.Config:
+    if path:
+        return configmod.load(path, REGISTRY)
+    if os.path.exists(DEFAULT_CONFIG):
+        return configmod.load(DEFAULT_CONFIG, REGISTRY)
+    return configmod.loads("", REGISTRY, "<defaults>")
+
+
+def cmd_keycheck(args: argparse.Namespace) -> int:
+    """Compare signing keys with DNS: the configured ones, one given (the next selector, before
+    the switch), or a retired selector (its record revoked or gone)."""
+    cfg = _config_or_defaults(args.config)
+    resolver = Resolver(cfg.dns)
+    if args.retired or args.key:
+        if not (args.domain and args.selector):
+            raise UsageError("--key and --retired need --domain and --selector")
+        for option, name in (("--domain", args.domain), ("--selector", args.selector)):
+            problem = keys.dns_name_problem(name)
+            if problem:
+                raise UsageError(f"{option}: {name!r} is not a DNS name: {problem}")
+    good = {"published", "revoked", "gone"}
+    lines: list[tuple[str, str]] = []
+    try:
+        if args.retired:
+            status = keys.retired_status(args.domain, args.selector, resolver)
+            good = {"revoked", "gone"}
+            lines.append((status, keys.record_name(args.domain, args.selector)))
+        else:
+            if args.key:
+                todo = [keys.load_key(args.key, domain=args.domain, selector=args.selector)]
+            else:
+                todo = [k for link in cfg.chain if link.name in ("dkim_sign", "arc_seal")
+                        for k in _loaded_keys(link.settings)]
+                if not todo:
+                    sys.stdout.write("no signing keys configured ([check.dkim_sign] keys, "
+                                     "[check.arc_seal] key)\n")
+                    return 0
+            for key in todo:
+                lines.append((keys.key_status(key, resolver),
+                              f"{keys.record_name(key.domain, key.selector)} {key.path}"))
+    except DnsError as exc:
+        sys.stdout.write(f"error      cannot look up the record: {exc}\n")
+        return 1
+    for status, what in lines:
+        sys.stdout.write(f"{status:<10} {what}\n")
+    return 0 if all(status in good for status, _ in lines) else 1
+
+
+def _loaded_keys(settings: object) -> tuple[keys.SigningKey, ...]:
+    loaded = getattr(settings, "loaded", ())
+    return loaded if isinstance(loaded, tuple) else (loaded,) if loaded else ()
+
+
 # Loaders of sections read outside config.load (a service's own section), each called with no
 # configuration: the generated reference and its test see their keys too.
 REFERENCE_LOADERS: tuple[Callable[[], object], ...] = ()
@@ -199,6 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, choices=(1024, 2048, 3072, 4096), default=2048)
     p.add_argument("--dir", default=".", help="where to write DOMAIN.SELECTOR.key")
     p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("keycheck", help="compare DKIM/ARC signing keys with their DNS records "
+                                        "(exit 1 unless all is as it should be)")
+    p.add_argument("-c", "--config", default="")
+    p.add_argument("--key", default="", help="one key file (e.g. the next selector's)")
+    p.add_argument("--domain", default="")
+    p.add_argument("--selector", default="")
+    p.add_argument("--retired", action="store_true",
+                   help="check that --domain/--selector is revoked (empty p=) or gone")
+    p.set_defaults(func=cmd_keycheck)
 
     p = sub.add_parser("docs", help="print the configuration or metrics reference "
                                     "(Markdown, generated from the code)")

@@ -120,20 +120,46 @@ def published_key(record: bytes) -> bytes | None:
         return None
 
 
+def record_name(domain: str, selector: str) -> str:
+    return f"{selector}._domainkey.{domain}"
+
+
+def key_status(key: SigningKey, resolver: Resolver) -> str:
+    """Whether DNS publishes `key`: `published`, `missing` (no record), `different` (records,
+    none of them this key); a lookup failure raises DnsError."""
+    records = resolver.txt(record_name(key.domain, key.selector))
+    if any(published_key(r) == key.public for r in records):
+        return "published"
+    return "different" if records else "missing"
+
+
+def retired_status(domain: str, selector: str, resolver: Resolver) -> str:
+    """What DNS says of a selector being retired: `gone` (no record), `revoked` (a key record
+    with an empty p=, RFC 6376 §3.6.1), or `published` (a key still verifies what it signed)."""
+    records = resolver.txt(record_name(domain, selector))
+    for record in records:
+        try:
+            if parse_tag_value(record).get(b"p", b"x").strip():
+                return "published"
+        except InvalidTagValueList:
+            return "published"  # unreadable is not proof of retirement
+    return "revoked" if records else "gone"
+
+
 def published_key_warnings(keys: tuple[SigningKey, ...], resolver: Resolver, *, check: str,
                            what: str = "signatures") -> list[str]:
     """Keys that DNS does not publish as configured (what they sign would not verify)."""
     warnings = []
     for key in keys:
-        name = f"{key.selector}._domainkey.{key.domain}"
+        name = record_name(key.domain, key.selector)
         try:
-            records = resolver.txt(name)
+            status = key_status(key, resolver)
         except DnsError as exc:
             warnings.append(f"{check}: cannot check {name} in DNS: {exc}")
             continue
-        if not any(published_key(r) == key.public for r in records):
+        if status != "published":
             warnings.append(f"{check}: the key {key.path} does not match the record "
-                            f"at {name} ({'none' if not records else 'different'}); "
+                            f"at {name} ({'none' if status == 'missing' else 'different'}); "
                             f"{what} will not verify")
     return warnings
 
