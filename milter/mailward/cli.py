@@ -13,6 +13,7 @@ from collections.abc import Callable
 from mailward import __version__, reference
 from mailward.app import App
 from mailward.checks import REGISTRY
+from mailward.checks.tls import VERSIONS as TLS_VERSIONS
 from mailward.core import config as configmod
 from mailward.core.snapshot import build
 from mailward.errors import MailwardError
@@ -240,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--helo", default="")
     p.add_argument("--mail-from", default="")
     p.add_argument("--rcpt", action="append", help="a recipient (repeat for more)")
-    p.add_argument("--tls-version", default="", help="e.g. TLSv1.3; empty means no TLS")
+    p.add_argument("--tls-version", default="", choices=("", *TLS_VERSIONS),
+                   help="the TLS version the MTA reported; empty means no TLS")
     p.add_argument("--auth-user", default="", help="the SASL login, for submitted mail")
     p.add_argument("--daemon-name", default="", help="the MTA's {daemon_name}")
     p.add_argument("--json", action="store_true")

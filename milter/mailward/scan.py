@@ -24,7 +24,7 @@ def parse_message(raw: bytes) -> tuple[list[tuple[str, str]], bytes]:
     Postfix hands them over. A line that is no header ends the header (as in Postfix).
     """
     raw = raw.replace(b"\r\n", b"\n")
-    headers: list[list[bytes]] = []
+    headers: list[tuple[bytes, list[bytes]]] = []  # name, value lines (joined once: linear)
     pos = 0
     while pos < len(raw):
         end = raw.find(b"\n", pos)
@@ -34,15 +34,15 @@ def parse_message(raw: bytes) -> tuple[list[tuple[str, str]], bytes]:
             pos = nxt
             break
         if line[:1] in (b" ", b"\t") and headers:
-            headers[-1][1] += b"\n" + line
+            headers[-1][1].append(line)
         else:
             name, colon, value = line.partition(b":")
             if not colon or not _HEADER_NAME.fullmatch(name.rstrip()):
                 break
-            headers.append([name.rstrip(), value])
+            headers.append((name.rstrip(), [value]))
         pos = nxt
-    pairs = [(n.decode("ascii", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-             for n, v in headers]
+    pairs = [(n.decode("ascii", "surrogateescape"),
+              b"\n".join(v).decode("utf-8", "surrogateescape")) for n, v in headers]
     return pairs, raw[pos:]
 
 

@@ -47,7 +47,9 @@ class Metrics:
                                       "kind (never by value).",
                                       ["direction", "kind", "measure"], registry=r)
         self.ratelimit_backend_errors = Counter(
-            "mailward_ratelimit_backend_errors", "Counter store (Redis) failures.", registry=r)
+            "mailward_ratelimit_backend_errors", "Rate-limit counter store failures: Redis "
+            "errors, and keys the in-memory store had no room for (each counted as this event "
+            "alone).", registry=r)
         self.arc_overrides = Counter(
             "mailward_arc_overrides", "DMARC failures accepted on the word of a trusted ARC "
             "sealer, by sealer (a domain of [check.arc] trusted_sealers).", ["sealer"],
