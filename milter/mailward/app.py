@@ -1,8 +1,14 @@
 """Build everything once and run the milter: config, services snapshot, metrics, signals.
 
-Signals (libmilter facts in DESIGN.md): HUP/TERM/INT/USR1 are blocked before any thread
-starts, so every thread inherits the mask; libmilter's own signal thread then `sigwait`s
-TERM/INT/HUP and stops gracefully, and our reload thread `sigwait`s USR1.
+Signals (libmilter facts in DESIGN.md): libmilter's own signal thread `sigwait`s TERM/INT/HUP
+and then stops serving every connection at once, dropping the transactions in flight. So
+libmilter runs in a thread of its own that blocks those signals (as does every thread started
+from it), while the main thread leaves them unblocked with a handler: Linux delivers a signal
+sent to the process to its main thread first when that thread does not block it, so the
+handler sees the stop and libmilter's thread does not. The handler starts a graceful stop
+(adapter/drain.py): new transactions are refused with 421, those open may finish within
+`[milter] stop_grace`, then libmilter is stopped. A second signal stops at once. SIGUSR1 is
+blocked everywhere and taken by the reload thread's `sigwait`.
 
 Reload builds the next services snapshot from the new config and the running one (keeping the
 resolver's cache and the rate-limit windows where nothing changed) and replaces the reference
@@ -15,8 +21,11 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
+from types import FrameType
 
-from mailward.adapter.milter import ServeError, serve
+from mailward.adapter.drain import Drain
+from mailward.adapter.milter import ServeError, serve, stop_serving
 from mailward.checks import REGISTRY
 from mailward.core import config as configmod
 from mailward.core import snapshot as snapshotmod
@@ -30,7 +39,8 @@ from mailward.services.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
-BLOCKED = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+STOP_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+BLOCKED = {*STOP_SIGNALS, signal.SIGUSR1}
 
 
 class App:
@@ -44,7 +54,9 @@ class App:
         self._snapshot = snapshotmod.build(configmod.load(path, registry), metrics=self.metrics)
         self._reload_lock = threading.Lock()
         self.notifier = Notifier()
+        self.drain = Drain()
         self._watchdog: threading.Event | None = None
+        self._stop_signals = 0
 
     @property
     def snapshot(self) -> Snapshot:
@@ -108,10 +120,17 @@ class App:
             log.info("watchdog: probing %s every %.1fs", self.config.milter.socket, period / 4)
             self._watchdog = watchdog.start(self.config.milter.socket, self.notifier, period)
 
+    def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._stop_signals += 1
+
     def run(self) -> None:
-        """Serve until SIGTERM/SIGINT/SIGHUP."""
+        """Serve until SIGTERM/SIGINT/SIGHUP, then stop gracefully."""
         cfg = self.config
         self.setup_warnings()
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._on_stop_signal)
+        # Threads inherit the mask: block everything before starting any, then unblock the
+        # stop signals for this (the main) thread alone.
         signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
         threading.Thread(target=self._reload_loop, name="reload", daemon=True).start()
         if cfg.metrics.listen is not None:
@@ -123,13 +142,49 @@ class App:
             log.info("metrics on http://%s:%d/metrics", host, port)
         checks = ", ".join(f"{link.name}({link.mode})" for link in cfg.chain)
         log.info("mailward listening on %s, checks: %s", cfg.milter.socket, checks or "none")
+        failure: list[ServeError] = []
+
+        def milter() -> None:
+            try:
+                serve(self, socket=cfg.milter.socket, timeout=int(cfg.milter.timeout),
+                      on_ready=self._ready)
+            except ServeError as exc:
+                failure.append(exc)
+
+        thread = threading.Thread(target=milter, name="libmilter")
+        thread.start()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         try:
-            serve(self, socket=cfg.milter.socket, timeout=int(cfg.milter.timeout),
-                  on_ready=self._ready)
-        except ServeError as exc:
-            raise MailwardError(f"[milter] socket {cfg.milter.socket}: {exc}") from None
+            while thread.is_alive() and not self._stop_signals:
+                thread.join(0.5)  # the stop handler runs in this thread, between waits
+            if thread.is_alive():
+                self._stop(thread)
+            thread.join()
         finally:
             if self._watchdog is not None:
                 self._watchdog.set()
+        if failure:
+            raise MailwardError(f"[milter] socket {cfg.milter.socket}: {failure[0]}")
         self.notifier.stopping()
         log.info("mailward stopped")
+
+    def _stop(self, thread: threading.Thread) -> None:
+        """Refuse new transactions, wait for the open ones (up to stop_grace, or until a
+        second stop signal), then have libmilter stop."""
+        self.notifier.stopping()
+        self.drain.close()
+        grace = self._snapshot.config.milter.stop_grace
+        log.info("stopping: %d transaction(s) in flight, waiting up to %gs for them",
+                 self.drain.open, grace)
+        started = time.monotonic()
+        deadline = started + grace
+        left = self.drain.open
+        while left and self._stop_signals < 2 and time.monotonic() < deadline:
+            left = self.drain.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+        if left:
+            log.warning("stopping with %d transaction(s) still open after %.1fs: the MTA "
+                        "tempfails them (milter_default_action)", left,
+                        time.monotonic() - started)
+        else:
+            log.info("stopping: no transaction in flight (%.1fs)", time.monotonic() - started)
+        stop_serving()

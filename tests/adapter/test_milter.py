@@ -12,6 +12,7 @@ import pytest
 from Milter import testctx
 
 from mailward.adapter import milter as adapter
+from mailward.adapter.drain import Drain
 from mailward.adapter.milter import MailwardMilter
 from mailward.core.config import Config
 from mailward.core.snapshot import build
@@ -32,6 +33,7 @@ class Runtime:
     def __init__(self, config: Config) -> None:
         self.metrics = Metrics()
         self.snapshot = build(config, metrics=self.metrics)
+        self.drain = Drain()
 
 
 class RecordingCtx(testctx.TestCtx):  # type: ignore[misc]
@@ -208,3 +210,48 @@ def test_header_values_reach_pymilter_as_utf8_text() -> None:
     adapter._utf8(" caf\udce9").encode("utf-8")  # and it encodes, where the raw one raises
     with pytest.raises(UnicodeEncodeError):
         " caf\udce9".encode("utf-8")
+
+
+def test_transactions_are_counted_until_they_end() -> None:
+    """A transaction is open from an accepted MAIL FROM to end of message, abort or close; a
+    refused MAIL FROM opens none. A graceful stop waits for exactly these."""
+    ctx, runtime = session()
+    assert feed(ctx, MESSAGE) == Milter.ACCEPT
+    assert runtime.drain.open == 0
+    ctx._setsymval("{daemon_name}", "smtpd")
+    assert ctx._connect(host="client.example", helo="client.example",
+                        ip="203.0.113.5") == Milter.CONTINUE
+    assert ctx._envfrom("<alice@example.org>") == Milter.CONTINUE
+    assert runtime.drain.open == 1
+    assert ctx._envrcpt("<bob@example.net>") == Milter.CONTINUE
+    ctx._abort()
+    assert runtime.drain.open == 0
+    ctx._connect(host="client.example", helo="client.example", ip="203.0.113.5")
+    assert ctx._envfrom("<alice@example.org>") == Milter.CONTINUE
+    assert runtime.drain.open == 1
+    ctx._close()
+    assert runtime.drain.open == 0
+    limited, runtime = session(CONFIG + "[policy]\nchecks = tls, ratelimit\n"
+                               "[check.ratelimit]\nlimits = inbound domain messages 1\n")
+    assert feed(limited, MESSAGE) == Milter.ACCEPT
+    limited._setsymval("{daemon_name}", "smtpd")
+    limited._connect(host="client.example", helo="client.example", ip="203.0.113.5")
+    assert limited._envfrom("<alice@example.org>") == Milter.TEMPFAIL
+    assert runtime.drain.open == 0
+
+
+def test_new_transactions_get_421_once_stopping() -> None:
+    ctx, runtime = session()
+    ctx._setsymval("{daemon_name}", "smtpd")
+    assert ctx._connect(host="client.example", helo="client.example",
+                        ip="203.0.113.5") == Milter.CONTINUE
+    assert ctx._envfrom("<alice@example.org>") == Milter.CONTINUE
+    runtime.drain.close()
+    # the open transaction goes on to its verdict ...
+    assert ctx._envrcpt("<bob@example.net>") == Milter.CONTINUE
+    assert ctx._eom() == Milter.ACCEPT
+    assert runtime.drain.open == 0
+    # ... the next one is refused, and does not count
+    assert ctx._envfrom("<alice@example.org>") == Milter.TEMPFAIL
+    assert ctx._reply == ("421", "4.3.2", "Service shutting down, try again later")
+    assert runtime.drain.open == 0

@@ -24,6 +24,7 @@ from typing import Any, Protocol, TypeVar
 
 import Milter
 
+from mailward.adapter.drain import Drain
 from mailward.core import pipeline
 from mailward.core.outcomes import DmarcOutcome
 from mailward.core.snapshot import Snapshot
@@ -65,13 +66,22 @@ noreply: Callable[[F], F] = Milter.noreply
 
 
 class Runtime(Protocol):
-    """What the adapter needs from the application: the current snapshot and the metrics."""
+    """What the adapter needs from the application: the current snapshot, the metrics and
+    the gate a graceful stop closes."""
 
     @property
     def snapshot(self) -> Snapshot: ...
 
     @property
     def metrics(self) -> Metrics: ...
+
+    @property
+    def drain(self) -> Drain: ...
+
+
+# The answer to MAIL FROM while mailward is stopping: 421 makes Postfix end the session, so
+# the client retries later (or at another MX) on a new connection.
+STOPPING_REPLY = ("421", "4.3.2", "Service shutting down, try again later")
 
 
 class ServeError(Exception):
@@ -154,6 +164,12 @@ def serve(runtime: Runtime, *, socket: str, timeout: int,
         raise ServeError(str(exc)) from None
 
 
+def stop_serving() -> None:
+    """Have libmilter stop: it closes the socket and every connection, and `serve` returns
+    (libmilter notices within its listener's poll interval, a few seconds)."""
+    Milter.milter.stop()
+
+
 def _guarded(stage: str) -> Callable[[F], F]:
     """Contain any exception of a callback: count it, answer tempfail, keep serving."""
 
@@ -219,6 +235,7 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
         self.msg_failed = ""
         self.spool_error = ""
         self.connected = False
+        self.in_transaction = False  # admitted by runtime.drain, not yet ended
 
     @property
     def queue_id(self) -> str:
@@ -249,6 +266,13 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
         self.budget = Budget(self.config.dns.budget)  # one per transaction
         if self.conn_failed:
             return self._reply(self.config.policy.error_reply, TEMPFAIL)
+        if not self.runtime.drain.admit():
+            log.info("client=%s from=<%s> refused: mailward is stopping",
+                     self.conn.client_ip or self.conn.client_name or "-",
+                     strip_brackets(mail_from))
+            self.setreply(*STOPPING_REPLY)
+            return TEMPFAIL
+        self.in_transaction = True
         version = self.getsymval("{tls_version}")
         tls = None
         if version:
@@ -259,7 +283,10 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
             auth_type=self.getsymval("{auth_type}") or "",
             queue_id=self.getsymval("i") or "",
             mail_from=strip_brackets(mail_from), mail_params=tuple(params))
-        return self._early(Stage.MAIL, self.tx)
+        rc = self._early(Stage.MAIL, self.tx)
+        if rc != CONTINUE:
+            self._reset()  # refused: no transaction is open
+        return rc
 
     @_guarded("rcpt")
     def envrcpt(self, rcpt: str, *params: str) -> int:
@@ -328,6 +355,9 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
     # -- helpers -----------------------------------------------------------------------------
 
     def _reset(self) -> None:
+        if self.in_transaction:
+            self.in_transaction = False
+            self.runtime.drain.done()
         if self.spool is not None:
             self.spool.close()
         self.spool = None

@@ -100,6 +100,7 @@ class MilterSettings:
 
     socket: str = "unix:/var/spool/postfix/mailward/milter.sock"
     timeout: float = 60.0
+    stop_grace: float = 30.0
     authserv_id: str = ""
     mode: Mode = Mode.ENFORCE
     trusted_networks: tuple[IPNetwork, ...] = ()
@@ -119,6 +120,7 @@ class MilterSettings:
                              "inet:PORT@HOST, inet6:PORT@ADDRESS or unix:/absolute/path",
                              parse_socket),
             timeout=sec.seconds("timeout", cls.timeout, maximum=3600),
+            stop_grace=sec.seconds("stop_grace", cls.stop_grace, maximum=3600),
             authserv_id=authserv_id,
             mode=sec.choice("mode", Mode, Mode.ENFORCE),
             trusted_networks=sec.networks("trusted_networks", ()),
