@@ -5,9 +5,9 @@ VENV ?= .venv
 DEB_BUILD = python3 python3-venv python3-dev gcc libc6-dev libmilter-dev
 # The lab (demo, integration tests) runs a private Postfix with a certificate from openssl.
 DEB_LAB = postfix openssl
-# Only the tests: a private redis-server on loopback (rate limits shared by a fleet) and
-# systemd-analyze to check the unit file.
-DEB_TEST = redis-server systemd
+# Only the tests: a private redis-server on loopback (rate limits shared by a fleet),
+# systemd-analyze to check the unit file and promtool (in prometheus) to check the alerts.
+DEB_TEST = redis-server systemd prometheus
 
 .PHONY: demo test lint deps test-deps venv clean fuzz bench-memory soak bench docs
 

@@ -98,7 +98,7 @@ def test_edits_are_applied_by_index_with_leading_space() -> None:
          "smtp.cipher=TLS_AES_128_GCM_SHA256", 0),
     ]
     text = runtime.metrics.registry.get_sample_value
-    assert text("mailward_messages_total", {"verdict": "accept"}) == 1
+    assert text("mailward_messages_total", {"direction": "inbound", "verdict": "accept"}) == 1
     assert text("mailward_check_results_total", {"check": "bcc", "result": "pass"}) == 1
 
 
@@ -172,7 +172,8 @@ def test_full_spool_disk_tempfails_at_end_of_message(
     assert ctx._reply == ("451", "4.7.0", "Temporary failure in message checks, try again later")
     value = runtime.metrics.registry.get_sample_value
     assert value("mailward_errors_total", {"stage": "body"}) == 1  # not once per chunk
-    assert value("mailward_messages_total", {"verdict": "accept"}) is None
+    inbound = {"direction": "inbound", "verdict": "accept"}
+    assert value("mailward_messages_total", inbound) == 0
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert [r.getMessage() for r in errors] == [
         "qid=ABC123 cannot spool the body ([Errno 28] No space left on device): message "

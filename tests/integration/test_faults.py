@@ -177,12 +177,13 @@ def test_dns_server_down_then_back(rig: Rig) -> None:
     """The lab's DNS server stops: mail from a domain not in the cache is tempfailed and held
     by the sender; a new server on the same port brings every message through."""
     port = rig.dns.port
-    tempfails = rig.metric("mailward_messages_total", verdict="tempfail")
+    tempfailed = {"direction": "inbound", "verdict": "tempfail"}
+    tempfails = rig.metric("mailward_messages_total", **tempfailed)
     rig.dns.close()
     mids = rig.submit("dnsdown", 4, domain="dnsdown.example")
     rig.wait_deferred(mids, DMARC_TEMPFAIL)
     assert not any(rig.copies(mid) for mid in mids)
-    assert rig.metric("mailward_messages_total", verdict="tempfail") >= tempfails + len(mids)
+    assert rig.metric("mailward_messages_total", **tempfailed) >= tempfails + len(mids)
     rig.dns = Nameserver(port=port)
     rig.dns.load_zone(FAULT_ZONE)
     rig.delivered_once(mids)
@@ -347,14 +348,15 @@ def test_spool_disk_full(rig: Rig, tmp_path: Path) -> None:
     try:
         rig.reload(merge_ini(BASE_CONFIG, f"[milter]\nspool_dir = {spool}\n"
                                           "spool_threshold = 64K\n"))
-        accepted = rig.metric("mailward_messages_total", verdict="accept")
+        inbound = {"direction": "inbound", "verdict": "accept"}
+        accepted = rig.metric("mailward_messages_total", **inbound)
         log_before = len(rig.mw.log())
         body = b"".join(b"%07d %s\r\n" % (n, hashlib.sha256(b"%d" % n).hexdigest().encode())
                         for n in range(30_000))  # 2.2 MB, more than the 1 MB disk
         [mid] = rig.submit("spool", 1, body=body)
         rig.wait_deferred([mid], ERROR_TEMPFAIL)
         assert not rig.copies(mid)
-        assert rig.metric("mailward_messages_total", verdict="accept") == accepted
+        assert rig.metric("mailward_messages_total", **inbound) == accepted
         assert "cannot spool the body ([Errno 28] No space left on device)" in \
             rig.mw.log()[log_before:]
         subprocess.run(["mount", "-o", "remount,size=16m", str(spool)], check=True)

@@ -18,6 +18,7 @@ from mailward.services import keys
 from mailward.services.dns import Budget, DnsSettings, Resolver
 from tests.checks.test_dkim import publish, rsa_key
 from tests.integration.conftest import BASE_CONFIG, Harness
+from tests.packaging import test_monitoring
 
 pytestmark = pytest.mark.integration
 
@@ -313,13 +314,31 @@ def test_trace_rewrite(harness: Harness) -> None:
 
 # -- metrics, signals, config ----------------------------------------------------------------
 
+def test_dashboard_and_alerts_query_exported_metrics(harness: Harness) -> None:
+    """Every metric packaging/grafana/mailward.json and packaging/prometheus/mailward-rules.yml
+    read is in the exposition of this running mailward, after a message and a DMARC failure
+    have gone through."""
+    mid, data = harness.message()
+    assert harness.send(data).code == 250
+    harness.arrived(mid)
+    before = harness.metric("mailward_dmarc_failures_total", policy="reject")
+    _, spoof = harness.message(sender="ceo@spoofed.example")
+    assert harness.send(spoof, mail_from="ceo@spoofed.example").code == 550
+    text = harness.metrics()
+    assert test_monitoring.unknown_names(text) == {}
+    assert harness.metric("mailward_dmarc_failures_total", policy="reject") == before + 1
+    assert harness.metric("mailward_messages_total", direction="inbound",
+                          verdict="reject") >= 1
+
+
 def test_metrics_endpoint(harness: Harness) -> None:
     mid, data = harness.message()
-    before = harness.metric("mailward_messages_total", verdict="accept")
+    accepted = {"direction": "inbound", "verdict": "accept"}
+    before = harness.metric("mailward_messages_total", **accepted)
     assert harness.send(data).code == 250
     harness.arrived(mid)
     text = harness.metrics()
-    assert harness.metric("mailward_messages_total", verdict="accept") == before + 1
+    assert harness.metric("mailward_messages_total", **accepted) == before + 1
     assert re.search(r'^mailward_build_info\{version="[\d.]+"\} 1\.0$', text, re.M)
     assert re.search(r'^mailward_check_duration_seconds_bucket\{check="tls",le="0.005"\} ',
                      text, re.M)

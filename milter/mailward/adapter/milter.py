@@ -44,10 +44,11 @@ from mailward.core.verdict import (
     CheckResult,
     DeleteHeader,
     Quarantine,
+    Result,
     Verdict,
 )
 from mailward.services.dns import Budget
-from mailward.services.metrics import Metrics
+from mailward.services.metrics import DMARC_POLICIES, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +334,7 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
             self.tx = tx
             tx, verdict = pipeline.evaluate(Stage.EOM, tx, self.snapshot, budget=self.budget,
                                             observe=self._observe)
-            self._count(verdict)
+            self._count(tx, verdict)
             self._log(tx, verdict)
             return self._apply(verdict)
         finally:
@@ -383,7 +384,7 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
             m.recipients_rejected.labels(check=verdict.decided_by).inc()
             what = f"rcpt=<{tx.recipients[-1]}>"
         else:
-            m.messages.labels(verdict=str(verdict.action)).inc()
+            m.messages.labels(direction=str(tx.direction), verdict=str(verdict.action)).inc()
             what = "message"
         log.info("qid=%s client=%s direction=%s from=<%s> %s refused at %s by %s: %s",
                  self.queue_id, tx.client_ip or tx.client_name, tx.direction, tx.mail_from,
@@ -417,13 +418,16 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
             self.quarantine(verdict.quarantine_reason or "mailward")
         return ACCEPT
 
-    def _count(self, verdict: Verdict) -> None:
+    def _count(self, tx: Transaction, verdict: Verdict) -> None:
         m = self.runtime.metrics
-        m.messages.labels(verdict=str(verdict.action)).inc()
+        m.messages.labels(direction=str(tx.direction), verdict=str(verdict.action)).inc()
         for r in verdict.results:
             m.check_results.labels(check=r.check, result=str(r.result)).inc()
             if r.would is not None:
                 m.monitor_actions.labels(check=r.check, action=str(r.would)).inc()
+            if isinstance(r.outcome, DmarcOutcome) and r.outcome.result is Result.FAIL:
+                policy = r.outcome.applied if r.outcome.applied in DMARC_POLICIES else "none"
+                m.dmarc_failures.labels(policy=policy).inc()
 
     def _log(self, tx: Transaction, verdict: Verdict) -> None:
         checks = " ".join(f"{r.check}={r.result}" + (f"(would {r.would})" if r.would else "")

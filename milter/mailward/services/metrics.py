@@ -9,6 +9,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from mailward import __version__
 
+# Label values known in advance (tests/services/test_metrics.py holds them to the core's enums).
+DIRECTIONS = ("inbound", "outbound", "internal")
+VERDICTS = ("accept", "reject", "tempfail", "discard", "quarantine")
+DMARC_POLICIES = ("none", "quarantine", "reject")
+STAGES = ("connect", "helo", "mail", "rcpt", "header", "body", "eom", "abort", "close")
+
 
 class Metrics:
     """Every metric mailward exports."""
@@ -16,8 +22,13 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.messages = Counter("mailward_messages", "Messages by final verdict.",
-                                ["verdict"], registry=r)
+        self.messages = Counter("mailward_messages", "Messages by direction (inbound, "
+                                "outbound, internal) and final verdict.",
+                                ["direction", "verdict"], registry=r)
+        self.dmarc_failures = Counter(
+            "mailward_dmarc_failures", "DMARC failures by the policy applied to them (none, "
+            "quarantine, reject; none also when a trusted ARC sealer's results overrode it).",
+            ["policy"], registry=r)
         self.recipients_rejected = Counter(
             "mailward_recipients_rejected", "Recipients refused before DATA, by check.",
             ["check"], registry=r)
@@ -59,6 +70,17 @@ class Metrics:
         self.build_info = Gauge("mailward_build_info", "Build information.", ["version"],
                                 registry=r)
         self.build_info.labels(version=__version__).set(1)
+        # Series that dashboards and alerts divide or compare exist from the start, at 0,
+        # rather than appearing with their first event.
+        for direction in DIRECTIONS:
+            for verdict in VERDICTS:
+                self.messages.labels(direction=direction, verdict=verdict)
+        for policy in DMARC_POLICIES:
+            self.dmarc_failures.labels(policy=policy)
+        for stage in STAGES:
+            self.errors.labels(stage=stage)
+        for outcome in ("ok", "failed"):
+            self.config_reloads.labels(outcome=outcome)
 
     def serve(self, host: str, port: int) -> None:
         """Serve /metrics on host:port in a daemon thread."""
