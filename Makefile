@@ -6,8 +6,10 @@ DEB_BUILD = python3 python3-venv python3-dev gcc libc6-dev libmilter-dev
 # The lab (demo, integration tests) runs a private Postfix with a certificate from openssl.
 DEB_LAB = postfix openssl
 # Only the tests: a private redis-server on loopback (rate limits shared by a fleet),
-# systemd-analyze to check the unit file and promtool (in prometheus) to check the alerts.
-DEB_TEST = redis-server systemd prometheus
+# systemd-analyze to check the unit file, promtool (in prometheus) to check the alerts, and
+# what the private Sendmail needs (lab/sendmail.py fetches Sendmail itself, unpacked, as
+# sendmail-bin conflicts with postfix).
+DEB_TEST = redis-server systemd prometheus m4 libwrap0
 
 .PHONY: demo test lint deps test-deps venv clean fuzz bench-memory soak bench docs
 
