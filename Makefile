@@ -11,7 +11,11 @@ DEB_LAB = postfix openssl
 # sendmail-bin conflicts with postfix).
 DEB_TEST = redis-server systemd prometheus m4 libwrap0
 
-.PHONY: demo test lint deps test-deps venv clean fuzz bench-memory soak bench docs
+.PHONY: demo test lint deps test-deps venv clean fuzz bench-memory soak bench docs deb test-deb
+
+# The Debian package (make deb): Debian's own tooling, run on Debian 12.
+DEB_PACKAGE = debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+	python3-pip python3-build python3-installer python3-wheel lintian fakeroot git
 
 deps:
 	sh packaging/debian-deps.sh $(DEB_BUILD) $(DEB_LAB)
@@ -38,7 +42,17 @@ lint: venv
 test: test-deps
 	$(MAKE) venv
 	$(MAKE) lint
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest --ignore=tests/deb $(PYTEST_ARGS)
+	$(MAKE) test-deb
+
+# The whole suite once more, on Debian's own python3 against what the .deb installs (apt-get
+# install on this machine), plus tests/deb on the installation itself.
+DEB_PYTEST = python3-pytest python3-hypothesis python3-yaml python3-redis
+test-deb: deb
+	sh packaging/debian-deps.sh $(DEB_PYTEST)
+	PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --reinstall ./build/mailward_$(VERSION)_all.deb >/dev/null
+	PATH=/usr/sbin:/usr/bin:/sbin:/bin /usr/bin/python3 -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 # Run by hand: the property tests with 20,000 examples each and a 50 ms bound per input, and
 # the hostile-header chain and parser tests with their absolute bound (issues 7 and 10).
@@ -78,3 +92,17 @@ docs: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info milter/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# build/mailward_<version>_all.deb, from the files git knows (committed or not), with the
+# bundled libraries of packaging/debian/vendor.txt fetched as wheels.
+VERSION = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' milter/mailward/__init__.py)
+deb:
+	sh packaging/debian-deps.sh $(DEB_PACKAGE)
+	rm -rf build/deb && mkdir -p build/deb/src
+	git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C build/deb/src
+	cp -r packaging/debian build/deb/src/debian
+	$(PYTHON) -m pip wheel --quiet --no-deps -w build/deb/src/debian/vendor \
+		-r packaging/debian/vendor.txt
+	cd build/deb/src && PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b --no-sign
+	cp build/deb/mailward_$(VERSION)_all.deb build/
+	lintian --fail-on error build/mailward_$(VERSION)_all.deb

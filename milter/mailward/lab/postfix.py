@@ -464,6 +464,8 @@ class MailwardProcess:
     metrics_port: int = field(default_factory=free_port)
     dns_port: int = 53
     env: dict[str, str] = field(default_factory=dict)  # added to the child's environment
+    # how to run mailward: this Python's, or e.g. ["/usr/bin/mailward"] (the Debian package)
+    command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "mailward"])
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -501,7 +503,7 @@ class MailwardProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mailward", "run", "-c", str(self.config_path())],
+                [*self.command, "run", "-c", str(self.config_path())],
                 stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             wait_for_port(self.port or self.socket_path)
@@ -547,7 +549,8 @@ class Lab:
 @contextlib.contextmanager
 def running_lab(config_text: str, *, root: Path | None = None, zone: str = "",
                 main_extra: dict[str, str] | None = None,
-                submission_milter: str = "") -> Iterator[Lab]:
+                submission_milter: str = "",
+                command: list[str] | None = None) -> Iterator[Lab]:
     """Start a DNS server (serving `zone`), sink, mailward and Postfix; stop all on exit.
 
     Postfix reaches mailward over a unix socket, as the reference configuration does.
@@ -560,6 +563,8 @@ def running_lab(config_text: str, *, root: Path | None = None, zone: str = "",
         ns.load_zone(zone)
     sink = CaptureSink()
     mw = MailwardProcess(config_text, root / "mailward", port=0, dns_port=ns.port)
+    if command is not None:
+        mw.command = command
     lab = PostfixLab(root / "postfix", mw.postfix_socket, sink.port, main_extra or {},
                      submission_milter)
     try:

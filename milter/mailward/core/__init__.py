@@ -1,0 +1,1 @@
+"""The pure policy core: the model, the stage driver, policy, config (ARCHITECTURE.md)."""

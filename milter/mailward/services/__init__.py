@@ -1,0 +1,1 @@
+"""Services the checks use: DNS, rate store, keys, metrics, sd_notify, watchdog."""
