@@ -158,7 +158,7 @@ class App:
             while thread.is_alive() and not self._stop_signals:
                 thread.join(0.5)  # the stop handler runs in this thread, between waits
             if thread.is_alive():
-                self._stop(thread)
+                self._stop()
             thread.join()
         finally:
             if self._watchdog is not None:
@@ -168,7 +168,7 @@ class App:
         self.notifier.stopping()
         log.info("mailward stopped")
 
-    def _stop(self, thread: threading.Thread) -> None:
+    def _stop(self) -> None:
         """Refuse new transactions, wait for the open ones (up to stop_grace, or until a
         second stop signal), then have libmilter stop."""
         self.notifier.stopping()
