@@ -30,6 +30,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "mailward.adapter": ("mailward.errors", "mailward.core", "mailward.services",
                          "mailward.adapter"),
     "mailward.scan": ("mailward.errors", "mailward.core", "mailward.services"),
+    "mailward.audit": ("mailward.errors", "mailward.core", "mailward.services"),
     "mailward.reference": ("mailward.errors", "mailward.core", "mailward.services"),
     "mailward.lab": ("mailward.errors", "mailward.core", "mailward.services", "mailward.scan",
                      "mailward.lab"),

@@ -15,6 +15,7 @@ import Milter
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from mailward import audit
 from mailward.checks import arc, authres
 from mailward.checks.dmarc import parse_record
 from mailward.checks.trace import Settings as TraceSettings
@@ -290,3 +291,39 @@ def test_callbacks_in_any_order_never_raise(ops: list[tuple[str, Any]]) -> None:
     errors = [s for m in registry.collect() if m.name == "mailward_errors" for s in m.samples
               if s.name.endswith("_total") and s.value]
     assert not errors, errors
+
+
+class _AnswersAll:
+    """A resolver whose every TXT name holds the same records (so include: loops on itself)."""
+
+    def __init__(self, records: list[bytes]) -> None:
+        self.records = tuple(records)
+        self.asked = 0
+
+    def txt(self, name: str) -> tuple[bytes, ...]:
+        self.asked += 1
+        return self.records
+
+
+SPFISH = st.lists(st.one_of(
+    st.binary(max_size=80),
+    st.lists(st.sampled_from(["v=spf1", "include:x.example", "redirect=x.example", "a", "mx",
+                              "-all", "~all", "ptr", "exists:%{i}", "v=DMARC1;", "p=reject;",
+                              "rua=", "t=y", "v=STSv1;", "v=TLSRPTv1;", "=", ";", " "]),
+             max_size=12).map(lambda words: " ".join(words).encode())), max_size=3)
+
+
+@given(SPFISH)
+@example([b"v=spf1 include:x.example -all"])  # include loops on itself: bounded
+def test_audit_judges_any_dns_answer(records: list[bytes]) -> None:
+    resolver = _AnswersAll(records)
+    findings = audit.domain_findings("x.example", resolver, [])  # type: ignore[arg-type]
+    assert {f.check for f in findings} >= {"spf", "dmarc", "mta-sts", "tls-rpt"}
+    assert all(f.status in ("pass", "warn", "fail") for f in findings)
+    assert resolver.asked <= audit.MAX_SPF_RECORDS + 10
+
+
+@given(ANY_TEXT)
+def test_audit_reads_any_tls_protocols_value(value: str) -> None:
+    old = audit._tls_allows_old(value)
+    assert set(old) <= set(audit.OLD_TLS)

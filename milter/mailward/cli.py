@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from mailward import __version__, reference
+from mailward import __version__, audit, reference
 from mailward.app import App
 from mailward.checks import REGISTRY
 from mailward.checks.tls import VERSIONS as TLS_VERSIONS
@@ -192,6 +192,18 @@ def cmd_keycheck(args: argparse.Namespace) -> int:
     return 0 if all(status in good for status, _ in lines) else 1
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Check the MTA and our domains; exit 1 when anything fails."""
+    cfg = _config_or_defaults(args.config)
+    findings = audit.run(cfg, args.postfix_dir, with_mta=not args.no_mta)
+    if args.json:
+        json.dump(audit.as_json(findings), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(audit.render(findings))
+    return 1 if any(f.status == audit.FAIL for f in findings) else 0
+
+
 def _loaded_keys(settings: object) -> tuple[keys.SigningKey, ...]:
     loaded = getattr(settings, "loaded", ())
     return loaded if isinstance(loaded, tuple) else (loaded,) if loaded else ()
@@ -265,6 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retired", action="store_true",
                    help="check that --domain/--selector is revoked (empty p=) or gone")
     p.set_defaults(func=cmd_keycheck)
+
+    p = sub.add_parser("audit", help="check the MTA (postconf) and [milter] local_domains "
+                                     "(DNS) against good practice (exit 1 on a failure)")
+    p.add_argument("-c", "--config", default="")
+    p.add_argument("--postfix-dir", default="",
+                   help="a Postfix configuration directory (default: postconf's own)")
+    p.add_argument("--no-mta", action="store_true", help="only the domains")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("docs", help="print the configuration or metrics reference "
                                     "(Markdown, generated from the code)")
