@@ -11,7 +11,7 @@ import pytest
 
 from mailward import cli, reference
 from mailward.checks import REGISTRY
-from mailward.services.metrics import Metrics
+from mailward.services.metrics import Metrics, StsMetrics
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = (REPO / "conf" / "mailward.ini").read_text()
@@ -44,7 +44,7 @@ def test_the_committed_references_are_what_the_code_generates() -> None:
     assert (REPO / "docs" / "configuration.md").read_text() == \
         reference.configuration_md(REGISTRY, CONF, cli.REFERENCE_LOADERS), REGENERATE
     assert (REPO / "docs" / "metrics.md").read_text() == \
-        reference.metrics_md([Metrics()]), REGENERATE
+        reference.metrics_md([Metrics(), StsMetrics()]), REGENERATE
 
 
 def test_the_configuration_reference_lists_every_key_with_its_form_and_default() -> None:

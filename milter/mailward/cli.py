@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from mailward import __version__, audit, reference
@@ -21,7 +22,9 @@ from mailward.lab.demo import main as demo_main
 from mailward.scan import report_dict, scan
 from mailward.services import keys
 from mailward.services.dns import DnsError, Resolver
-from mailward.services.metrics import Metrics
+from mailward.services.metrics import Metrics, StsMetrics
+from mailward.sts import cache as sts_cache
+from mailward.sts import service as sts_service
 
 DEFAULT_CONFIG = "/etc/mailward/mailward.ini"
 
@@ -204,6 +207,59 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 1 if any(f.status == audit.FAIL for f in findings) else 0
 
 
+def cmd_sts(args: argparse.Namespace) -> int:
+    cfg = _config_or_defaults(args.config) if args.action != "run" else \
+        configmod.load(args.config or DEFAULT_CONFIG, REGISTRY)
+    if args.action == "run":
+        _setup_logging(cfg.sts.log_level)
+        return sts_service.run(cfg.sts, cfg.dns)
+    cache = sts_cache.open_cache(cfg.sts)
+    if args.action == "purge":
+        if args.domain:
+            gone = sum(cache.delete(d.lower().rstrip(".")) for d in args.domain)
+        else:
+            gone = cache.purge()
+        sys.stdout.write(f"{gone} cached polic{'y' if gone == 1 else 'ies'} dropped\n")
+        return 0
+    if not args.domain:
+        entries = cache.entries()
+        for e in entries:
+            sys.stdout.write(sts_describe(e, time.time()) + "\n")
+        if not entries:
+            sys.stdout.write("the cache is empty\n")
+        return 0
+    service = sts_service.PolicyService(cfg.sts, Resolver(cfg.dns), cache, StsMetrics())
+    status = 0
+    for domain in args.domain:
+        answer = service.lookup(domain, fetch=not args.cached)
+        if args.json:
+            data: dict[str, object] = {
+                "domain": answer.domain, "answer": answer.text, "kind": answer.kind,
+                "source": answer.source, "note": answer.note}
+            if answer.entry is not None:
+                data["policy"] = json.loads(answer.entry.to_json())
+            sys.stdout.write(json.dumps(data) + "\n")
+        else:
+            sys.stdout.write(f"{answer.domain}: {answer.text or '(nothing: Postfix default)'}\n"
+                             f"  answer: {answer.kind}, from {answer.source}"
+                             + (f" ({answer.note})" if answer.note else "") + "\n")
+            if answer.entry is not None:
+                sys.stdout.write("  " + sts_describe(answer.entry, time.time()) + "\n")
+        status = max(status, 1 if answer.kind == "temp" else 0)
+    return status
+
+
+def sts_describe(e: sts_cache.Entry, now: float) -> str:
+    def when(t: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))
+
+    state = "expired" if e.expires <= now else f"expires {when(e.expires)}"
+    return (f"{e.domain} mode={e.policy.mode} id={e.policy_id} mx={','.join(e.policy.mx)} "
+            f"max_age={e.policy.max_age} fetched {when(e.fetched)}, {state}, checked "
+            f"{when(e.checked)}" + (" dane" if e.dane else "")
+            + (f"; last refresh: {e.error}" if e.error else ""))
+
+
 def _loaded_keys(settings: object) -> tuple[keys.SigningKey, ...]:
     loaded = getattr(settings, "loaded", ())
     return loaded if isinstance(loaded, tuple) else (loaded,) if loaded else ()
@@ -216,7 +272,7 @@ REFERENCE_LOADERS: tuple[Callable[[], object], ...] = ()
 
 def cmd_docs(args: argparse.Namespace) -> int:
     if args.what == "metrics":
-        sys.stdout.write(reference.metrics_md([Metrics()]))
+        sys.stdout.write(reference.metrics_md([Metrics(), StsMetrics()]))
         return 0
     with open(args.annotated, encoding="utf-8") as fh:
         sys.stdout.write(reference.configuration_md(REGISTRY, fh.read(), REFERENCE_LOADERS))
@@ -231,6 +287,21 @@ def _annotated_default() -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(keep=args.keep)
+
+
+def _add_sts_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("sts", help="the MTA-STS policy service for Postfix's SMTP client: "
+                                   "run it, ask it, empty its cache")
+    p.add_argument("action", choices=("run", "query", "purge"),
+                   help="run: serve [sts] listen; query [DOMAIN...]: the answer Postfix gets "
+                        "and where it comes from (no domain: list the cache); purge "
+                        "[DOMAIN...]: drop cached policies (all without a domain)")
+    p.add_argument("domain", nargs="*")
+    p.add_argument("-c", "--config", default="")
+    p.add_argument("--cached", action="store_true",
+                   help="query: answer from the cache only, fetch nothing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mta", action="store_true", help="only the domains")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_audit)
+
+    _add_sts_parser(sub)
 
     p = sub.add_parser("docs", help="print the configuration or metrics reference "
                                     "(Markdown, generated from the code)")

@@ -28,6 +28,7 @@ from mailward.core.settings import (
     MilterSettings,
     Mode,
     PolicySettings,
+    StsSettings,
     is_loopback_host,
     is_tcp,
     parse_field_name,
@@ -37,7 +38,7 @@ from mailward.core.verdict import Action, Quarantine
 from mailward.errors import ConfigError
 from mailward.services.dns import DnsSettings
 
-CORE_SECTIONS = ("milter", "dns", "metrics", "policy")
+CORE_SECTIONS = ("milter", "dns", "metrics", "policy", "sts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,7 @@ class Config:
     policy: PolicySettings
     chain: tuple[Link[Any], ...]
     warnings: tuple[str, ...] = field(default=())
+    sts: StsSettings = field(default_factory=StsSettings)
 
 
 def load(path: str | Path, registry: Registry) -> Config:
@@ -91,6 +93,7 @@ def from_parser(path: str, parser: configparser.ConfigParser, registry: Registry
     milter = MilterSettings.load(section("milter"))
     dns = DnsSettings.load(section("dns"))
     metrics = MetricsSettings.load(section("metrics"))
+    sts = StsSettings.load(section("sts"))
     psec = section("policy")
     order = psec.words("checks", registry.default_order)
     if not order:
@@ -128,7 +131,7 @@ def from_parser(path: str, parser: configparser.ConfigParser, registry: Registry
             warnings.append(f"[check.{check.name}] is configured but not in [policy] checks")
         if enabled and check.name in order:
             chain.append(Link(check, settings, mode, on_error, quarantine))
-    for s in (section("milter"), section("dns"), section("metrics"), psec):
+    for s in (section("milter"), section("dns"), section("metrics"), section("sts"), psec):
         s.finish()
     chain.sort(key=lambda link: order.index(link.name))
     if not chain:
@@ -136,7 +139,7 @@ def from_parser(path: str, parser: configparser.ConfigParser, registry: Registry
                         "mail passes unchecked")
     for link in chain:
         warnings += link.check.config_warnings(link.settings, milter)
-    return Config(path, milter, dns, metrics, policy, tuple(chain), tuple(warnings))
+    return Config(path, milter, dns, metrics, policy, tuple(chain), tuple(warnings), sts)
 
 
 def exposure_warnings(milter: MilterSettings, metrics: MetricsSettings) -> list[str]:
@@ -193,7 +196,7 @@ def describe(config: Config) -> str:
 
     parts = [block("milter", config.milter), block("dns", config.dns),
              block("metrics", config.metrics),
-             block("policy", config.policy)]
+             block("policy", config.policy), block("sts", config.sts)]
     for link in config.chain:
         parts.append(block(f"check.{link.name}", link.settings,
                            {"enabled": True, "mode": link.mode, "on_error": link.on_error,

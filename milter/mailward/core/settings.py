@@ -177,6 +177,109 @@ class MetricsSettings:
                                     "HOST:PORT with an IP address (empty disables)", parse_listen))
 
 
+def parse_sts_listen(spec: str) -> str:
+    """Where `mailward sts` listens: `unix:/absolute/path` or `inet:HOST:PORT` (an address)."""
+    kind, sep, rest = spec.partition(":")
+    if kind == "unix" and sep and rest.startswith("/") and "\0" not in rest:
+        return spec
+    if kind == "inet" and sep and parse_listen(rest) is not None:
+        return spec
+    raise ValueError(spec)
+
+
+def parse_url(spec: str) -> str:
+    if spec and not spec.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(spec)
+    return spec
+
+
+def parse_nameserver_word(spec: str) -> tuple[str, int] | None:
+    """`IP` or `IP:PORT` (`[V6]:PORT`); empty disables."""
+    if not spec:
+        return None
+    try:
+        return str(ipaddress.ip_address(spec)), 53
+    except ValueError:
+        return parse_listen(spec)
+
+
+class StsCache(enum.StrEnum):
+    SQLITE = "sqlite"
+    REDIS = "redis"
+
+
+@dataclass(frozen=True)
+class StsSettings:
+    """[sts]: the MTA-STS policy service for Postfix's SMTP client (`mailward sts run`).
+
+    Postfix asks it through `smtp_tls_policy_maps = socketmap:...:postfix`. Loopback TCP by
+    default, because Debian runs Postfix's smtp(8) chrooted, where a unix socket in /run is
+    out of reach; what it tells is public (a domain's published policy)."""
+
+    listen: str = "inet:127.0.0.1:8461"
+    map_name: str = "postfix"
+    cache: StsCache = StsCache.SQLITE
+    cache_path: str = "/var/lib/mailward/sts.sqlite"
+    redis_url: str = ""
+    ca_file: str = ""
+    https_port: int = 443
+    fetch_timeout: float = 10.0
+    max_policy_size: int = 64 * 1024
+    refresh_interval: float = 3600.0
+    dane_resolver: tuple[str, int] | None = None
+    metrics: tuple[str, int] | None = ("127.0.0.1", 9896)
+    log_level: str = "info"
+
+    @classmethod
+    def load(cls, sec: Section) -> StsSettings:
+        cache = sec.choice("cache", StsCache, cls.cache)
+        redis_url = sec.parse("redis_url", "", "redis://HOST:PORT/DB, rediss://... or "
+                              "unix:///path (empty: none)", parse_url)
+        if cache is StsCache.REDIS and not redis_url:
+            raise sec.error("redis_url", "a Redis URL when cache = redis", "")
+        return cls(
+            listen=sec.parse("listen", cls.listen, "inet:ADDRESS:PORT or unix:/absolute/path",
+                             parse_sts_listen),
+            map_name=sec.parse("map_name", cls.map_name, "the socketmap name Postfix sends "
+                               "(letters, digits, _ and -)", _map_name),
+            cache=cache,
+            cache_path=sec.parse("cache_path", cls.cache_path, "an absolute path", _abs_path),
+            redis_url=redis_url,
+            ca_file=sec.parse("ca_file", "", "a readable PEM file of trusted CAs, added to "
+                              "the system's (empty: the system's only)", _readable),
+            https_port=sec.integer("https_port", cls.https_port, minimum=1, maximum=65535),
+            fetch_timeout=sec.seconds("fetch_timeout", cls.fetch_timeout, maximum=120),
+            max_policy_size=sec.size("max_policy_size", cls.max_policy_size),
+            refresh_interval=sec.seconds("refresh_interval", cls.refresh_interval,
+                                         maximum=7 * 86400),
+            dane_resolver=sec.parse("dane_resolver", None, "IP or IP:PORT of a DNSSEC-"
+                                    "validating resolver (empty: DANE is not looked at)",
+                                    parse_nameserver_word),
+            metrics=sec.parse("metrics", cls.metrics,
+                              "HOST:PORT with an IP address (empty disables)", parse_listen),
+            log_level=sec.parse("log_level", "info", "one of debug, info, warning, error",
+                                _log_level),
+        )
+
+
+def _map_name(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", raw):
+        raise ValueError(raw)
+    return raw
+
+
+def _abs_path(raw: str) -> str:
+    if not os.path.isabs(raw) or "\0" in raw:
+        raise ValueError(raw)
+    return raw
+
+
+def _readable(raw: str) -> str:
+    if raw and not (os.path.isabs(raw) and os.access(raw, os.R_OK)):
+        raise ValueError(raw)
+    return raw
+
+
 # Fields a quarantine header must not be: mailward would delete or rewrite what the message
 # and its authentication depend on.
 _RESERVED_FIELDS = frozenset({

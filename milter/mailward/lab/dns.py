@@ -46,6 +46,8 @@ class Nameserver:
         self.drop_missing: set[str] = set()
         self.servfail: set[str] = set()
         self.garbage: set[str] = set()  # names answered with bytes that are no DNS message
+        # names answered with the AD bit, as a validating resolver says "DNSSEC-validated"
+        self.validated: set[str] = set()
         self.delay = 0.0  # seconds before every answer (a slow server), without blocking others
         self.queries: list[tuple[str, str, str]] = []
         self.negative_ttl = negative_ttl
@@ -98,6 +100,7 @@ class Nameserver:
             self.drop_missing.clear()
             self.servfail.clear()
             self.garbage.clear()
+            self.validated.clear()
             self.delay = 0.0
             self.queries.clear()
 
@@ -156,6 +159,8 @@ class Nameserver:
             return wire[:2] + b"\x81\x80" + b"\xff" * 40  # our id, then nonsense
         response = dns.message.make_response(query)
         response.flags |= dns.flags.AA
+        if text.rstrip(".") in self.validated:
+            response.flags |= dns.flags.AD
         if servfail:
             response.set_rcode(dns.rcode.SERVFAIL)
             return response.to_wire()

@@ -85,3 +85,49 @@ class Metrics:
     def serve(self, host: str, port: int) -> None:
         """Serve /metrics on host:port in a daemon thread."""
         start_http_server(port, addr=host, registry=self.registry)
+
+
+STS_ANSWERS = ("secure", "dane", "testing", "none", "nopolicy", "notadomain", "temp")
+STS_FETCHES = ("ok", "dns_error", "connect_error", "tls_error", "http_error", "timeout",
+               "too_large", "invalid")
+STS_REFRESHES = ("unchanged", "refetched", "failed", "dropped")
+
+
+class StsMetrics:
+    """The metrics of `mailward sts run`, the MTA-STS policy service (its own process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.lookups = Counter(
+            "mailward_sts_lookups", "Postfix TLS-policy lookups by answer: secure (an enforce "
+            "policy), dane (validated TLSA: dane-only), testing and none (policies that ask "
+            "nothing of Postfix), nopolicy, notadomain (keys MTA-STS has nothing to say "
+            "about) and temp (the service could not answer; Postfix defers).",
+            ["answer"], registry=r)
+        self.fetches = Counter("mailward_sts_fetches", "HTTPS policy fetches by outcome.",
+                               ["outcome"], registry=r)
+        self.refreshes = Counter(
+            "mailward_sts_refreshes", "Background checks of cached policies: unchanged, "
+            "refetched (a new id, or half of max_age gone), failed (the cached policy stays) "
+            "and dropped (expired).", ["outcome"], registry=r)
+        self.cache_policies = Gauge("mailward_sts_cache_policies",
+                                    "Policies in the cache at the last count.", registry=r)
+        self.dns_queries = Counter("mailward_sts_dns_queries", "DNS lookups of the policy "
+                                   "service by outcome.", ["rtype", "outcome"], registry=r)
+        self.dns_duration = Histogram(
+            "mailward_sts_dns_duration_seconds", "Time of the policy service's DNS lookups "
+            "that reached a server.", ["rtype"],
+            buckets=(0.001, 0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.build_info = Gauge("mailward_sts_build_info", "Build information.", ["version"],
+                                registry=r)
+        self.build_info.labels(version=__version__).set(1)
+        for answer in STS_ANSWERS:
+            self.lookups.labels(answer=answer)
+        for outcome in STS_FETCHES:
+            self.fetches.labels(outcome=outcome)
+        for outcome in STS_REFRESHES:
+            self.refreshes.labels(outcome=outcome)
+
+    def serve(self, host: str, port: int) -> None:
+        start_http_server(port, addr=host, registry=self.registry)
