@@ -47,6 +47,7 @@ def test_files_in_place() -> None:
     files = subprocess.run(["dpkg-query", "-L", "mailward"], capture_output=True, text=True,
                            check=True).stdout.split()
     for path in ("/usr/bin/mailward", "/lib/systemd/system/mailward.service",
+                 "/lib/systemd/system/mailward-sts.service",
                  "/usr/lib/tmpfiles.d/mailward.conf", "/usr/lib/sysusers.d/mailward.conf",
                  "/etc/mailward/mailward.ini", "/usr/share/doc/mailward/README.Debian",
                  "/usr/share/mailward/grafana/mailward.json",
@@ -58,13 +59,17 @@ def test_files_in_place() -> None:
     unit = Path("/lib/systemd/system/mailward.service").read_text()
     assert "ExecStart=/usr/bin/mailward run -c /etc/mailward/mailward.ini" in unit
     assert not re.search(r"^Exec.*/opt/", unit, re.M)
+    sts = Path("/lib/systemd/system/mailward-sts.service").read_text()
+    assert "ExecStart=/usr/bin/mailward sts run -c /etc/mailward/mailward.ini" in sts
+    assert not re.search(r"^Exec.*/opt/", sts, re.M)
     assert subprocess.run(["id", "mailward"], capture_output=True, check=False).returncode == 0
 
 
-def test_installed_unit_verifies_and_is_hardened() -> None:
+@pytest.mark.parametrize("name", ["mailward.service", "mailward-sts.service"])
+def test_installed_unit_verifies_and_is_hardened(name: str) -> None:
     installed()
     need(shutil.which("systemd-analyze") is not None, "systemd-analyze is missing")
-    unit = "/lib/systemd/system/mailward.service"
+    unit = f"/lib/systemd/system/{name}"
     done = subprocess.run(["systemd-analyze", "verify", unit], capture_output=True, text=True,
                           check=False)
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr

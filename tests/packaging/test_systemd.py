@@ -8,19 +8,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import need
 
 UNIT = Path(__file__).resolve().parents[2] / "packaging" / "systemd" / "mailward.service"
 TMPFILES = UNIT.with_suffix(".tmpfiles")
 
 
-def test_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["mailward.service", "mailward-sts.service"])
+def test_unit_verifies_and_is_hardened(tmp_path: Path, name: str) -> None:
     need(shutil.which("systemd-analyze") is not None,
          "systemd-analyze is missing: apt-get install systemd")
-    unit = tmp_path / "mailward.service"
+    source = UNIT.with_name(name)
+    unit = tmp_path / name
     # point ExecStart at a binary that exists here, as verify checks it
-    unit.write_text(UNIT.read_text().replace("/opt/mailward/bin/mailward",
-                                             str(Path(sys.executable).parent / "mailward")))
+    unit.write_text(source.read_text().replace("/opt/mailward/bin/mailward",
+                                               str(Path(sys.executable).parent / "mailward")))
     done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                           text=True, check=False)
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr
@@ -29,7 +33,12 @@ def test_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
     exposure = float(re.search(r"Overall exposure level for \S+: ([\d.]+)",
                                security).group(1))  # type: ignore[union-attr]
     assert exposure <= 1.4, security
-    text = UNIT.read_text()
+    text = source.read_text()
+    if name == "mailward-sts.service":
+        for line in ("Type=notify\n", "User=mailward", "sts run", "StateDirectory=mailward",
+                     "smtp_tls_policy_maps = socketmap:inet:127.0.0.1:8461:postfix"):
+            assert line in text
+        return
     for line in ("Type=notify\n", "NotifyAccess=main", "WatchdogSec=", "User=mailward",
                  "Restart=on-failure", "NoNewPrivileges=yes",
                  "ExecReload=/bin/kill -USR1 $MAINPID", "milter_default_action = tempfail",
