@@ -15,6 +15,7 @@ import dkim
 import dns
 import milter
 import prometheus_client
+import pytest
 import spf
 
 import mailward

@@ -153,7 +153,7 @@ def stsnet() -> Iterator[StsNet]:
             assert service.poll() is None, service_log.read_text()
             assert time.monotonic() < deadline, "mailward sts did not start"
             time.sleep(0.1)
-        os.chmod(socket_path, 0o666)  # the lab's Postfix runs smtp as user postfix
+        shutil.chown(socket_path, group="postfix")  # mode 0660: Postfix's smtp may connect
         postfix = OutboundPostfix(root / "postfix", netns,
                                   f"socketmap:unix:{socket_path}:postfix", str(ca.ca_file))
         postfix.start()
