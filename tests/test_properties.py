@@ -8,6 +8,7 @@ are pinned with @example.
 from __future__ import annotations
 
 import configparser
+import json
 import re
 from typing import Any
 
@@ -29,6 +30,12 @@ from mailward.core.transaction import Header, index_headers
 from mailward.core.verdict import AuthResEntry, Result
 from mailward.errors import ConfigError
 from mailward.services.dns import Budget
+from mailward.services.metrics import STS_FETCHES
+from mailward.sts import netstring
+from mailward.sts.cache import CacheError, Entry
+from mailward.sts.fetch import FetchError, _parse_response
+from mailward.sts.policy import Mode as StsMode
+from mailward.sts.policy import PolicyError, parse_policy, parse_txt, postfix_answer
 from tests.adapter.test_milter import session
 from tests.conftest import loads, make_config, snapshot_of
 
@@ -195,9 +202,10 @@ def test_trace_rewriting_leaves_no_private_address(parts: list[str]) -> None:
 
 INI_KEYS = st.sampled_from(["socket", "mode", "checks", "timeout", "budget", "listen",
                             "trusted_networks", "enabled", "reject_reply", "limits", "keys",
-                            "nameservers", "spool_threshold", "bogus"])
+                            "nameservers", "spool_threshold", "bogus", "cache", "redis_url",
+                            "dane_resolver", "ca_file", "map_name", "max_policy_size"])
 INI_SECTIONS = st.sampled_from(["milter", "dns", "metrics", "policy", "check.tls",
-                                "check.dmarc", "check.ratelimit", "check.spam"])
+                                "check.dmarc", "check.ratelimit", "check.spam", "sts"])
 
 
 @given(st.lists(st.tuples(INI_SECTIONS, INI_KEYS, GRAMMAR), max_size=6))
@@ -327,3 +335,83 @@ def test_audit_judges_any_dns_answer(records: list[bytes]) -> None:
 def test_audit_reads_any_tls_protocols_value(value: str) -> None:
     old = audit._tls_allows_old(value)
     assert set(old) <= set(audit.OLD_TLS)
+
+
+# -- MTA-STS (issue 12): policies, TXT records, netstrings, HTTP responses, cache entries ----
+
+POLICY_LINE = st.one_of(
+    st.sampled_from(["version: STSv1", "mode: enforce", "mode: testing", "mode: none",
+                     "max_age: 86400", "max_age: 99999999999", "mx: mail.example.com",
+                     "mx: *.example.net", "mx: *.*.x", "mx:", "x_ext: 1", ""]),
+    st.builds(lambda k, v: f"{k}:{v}", st.sampled_from(["mx", "mode", "max_age", "version"]),
+              GRAMMAR))
+POLICY_TEXT = st.one_of(
+    st.lists(POLICY_LINE, max_size=12).flatmap(
+        lambda lines: st.sampled_from(["\n", "\r\n"]).map(lambda end: end.join(lines))),
+    ANY_TEXT)
+
+
+@given(POLICY_TEXT)
+@example("version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 1\n")
+def test_any_policy_text_parses_or_is_refused_with_a_reason(text: str) -> None:
+    try:
+        found = parse_policy(text)
+    except PolicyError as exc:
+        assert str(exc)
+        return
+    assert 0 <= found.max_age <= 31557600
+    assert found.mode is not StsMode.ENFORCE or found.mx
+    answer = postfix_answer(found)
+    # what Postfix is told is one line of printable ASCII, whatever the policy said
+    assert answer is None or (answer.isascii() and answer.isprintable())
+
+
+@given(st.lists(st.one_of(st.binary(max_size=80),
+                          st.sampled_from([b"v=STSv1; id=abc;", b"v=STSv1;id=",
+                                           b"v=STSv1; id=a; x=\xff"])), max_size=4))
+def test_any_sts_txt_records_give_an_id_or_none(records: list[bytes]) -> None:
+    found = parse_txt(tuple(records))
+    assert found is None or re.fullmatch(r"[A-Za-z0-9]{1,32}", found)
+
+
+@given(st.binary(max_size=60), st.integers(0, 2000))
+@example(b"0:,", 10)
+def test_any_bytes_are_a_netstring_more_needed_or_refused(data: bytes, limit: int) -> None:
+    try:
+        found = netstring.decode(data, limit)
+    except netstring.NetstringError:
+        return
+    if found is not None:
+        payload, rest = found
+        assert len(payload) <= limit and netstring.encode(payload) + rest == data
+
+
+@given(st.one_of(st.binary(max_size=300),
+                 st.builds(lambda status, ctype, body: (
+                     f"HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n").encode() + body,
+                     st.sampled_from([200, 301, 404, 999]),
+                     st.sampled_from(["text/plain", "text/html", "text/plain; charset=x"]),
+                     st.binary(max_size=200))),
+       st.booleans())
+def test_any_https_response_gives_a_policy_or_a_fetch_error(raw: bytes, complete: bool) -> None:
+    try:
+        policy, text = _parse_response("mta-sts.example", raw, complete, 150)
+    except FetchError as exc:
+        assert exc.outcome in STS_FETCHES
+        return
+    assert complete and len(text.encode()) <= 150 and policy.mode in tuple(StsMode)
+
+
+@given(st.one_of(st.binary(max_size=200), st.builds(
+    lambda v: json.dumps({"domain": "a.example", "policy_id": "1", "fetched": 0, "expires": 1,
+                          "checked": 0, "policy": v}),
+    st.dictionaries(st.sampled_from(["mode", "max_age", "mx"]),
+                    st.one_of(st.integers(), st.text(max_size=5),
+                              st.lists(st.text(max_size=12), max_size=3)), max_size=3))))
+def test_any_cache_entry_reads_back_or_is_a_cache_error(raw: bytes | str) -> None:
+    try:
+        entry = Entry.from_json(raw)
+    except CacheError:
+        return
+    assert Entry.from_json(entry.to_json()) == entry
