@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 from mailward import audit, cli
 from mailward.lab.dns import Nameserver
+from mailward.lab.tlslab import PolicyServer, TestCA
 from mailward.services import keys
 from mailward.services.dns import Resolver
 from tests.conftest import need
@@ -111,6 +114,9 @@ good.example.             TXT "v=spf1 ip4:192.0.2.0/24 include:_spf.good.example
 _spf.good.example.        TXT "v=spf1 a mx -all"
 _dmarc.good.example.      TXT "v=DMARC1; p=reject; rua=mailto:dmarc@good.example"
 _mta-sts.good.example.    TXT "v=STSv1; id=20261203"
+good.example.             MX 10 mx1.good.example.
+good.example.             MX 20 mx2.good.example.
+mta-sts.good.example.     A 127.0.0.1
 _smtp._tls.good.example.  TXT "v=TLSRPTv1; rua=mailto:tlsrpt@good.example"
 """
 # bad.example: SPF that passes everyone, DMARC only monitoring without rua, nothing else;
@@ -125,24 +131,92 @@ _dmarc.deep.example.      TXT "v=DMARC1; p=quarantine; t=y; rua=mailto:d@deep.ex
 """
 
 
-def ini(tmp_path: Path, nameserver: Nameserver, domains: str, extra: str = "") -> str:
+GOOD_POLICY = "version: STSv1\nmode: enforce\nmx: *.good.example\nmax_age: 1209600\n"
+
+
+class Policies(NamedTuple):
+    server: PolicyServer
+    ca_file: Path
+
+    def policy(self, domain: str, text: str) -> None:
+        self.server.policy(domain, text)
+
+
+@pytest.fixture(scope="module")
+def policies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Policies]:
+    """An HTTPS policy host for every mta-sts.*.example below, with a test CA."""
+    ca = TestCA(tmp_path_factory.mktemp("ca"))
+    cert, key = ca.issue("mta-sts", [f"mta-sts.{d}.example" for d in (
+        "good", "testing", "stray", "gone", "short")])
+    server = PolicyServer(cert, key)
+    yield Policies(server, ca.ca_file)
+    server.close()
+
+
+def ini(tmp_path: Path, nameserver: Nameserver, domains: str, extra: str = "",
+        policies: Policies | None = None) -> str:
     path = tmp_path / "mailward.ini"
+    sts = (f"[sts]\nca_file = {policies.ca_file}\nhttps_port = {policies.server.port}\n"
+           f"fetch_timeout = 3\n" if policies else "")
     path.write_text(f"[milter]\nauthserv_id = mx.good.example\nlocal_domains = {domains}\n"
-                    f"[dns]\nnameservers = 127.0.0.1:{nameserver.port}\n{extra}")
+                    f"[dns]\nnameservers = 127.0.0.1:{nameserver.port}\n{sts}{extra}")
     return str(path)
 
 
 def test_well_kept_domain_passes(nameserver: Nameserver, tmp_path: Path,
+                                 policies: Policies,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     key = keys.generate(domain="good.example", selector="s1", directory=str(tmp_path))
     nameserver.load_zone(GOOD_ZONE + keys.zone_line(key))
+    policies.policy("good.example", GOOD_POLICY)
     config = ini(tmp_path, nameserver, "good.example",
-                 f"[check.dkim_sign]\nkeys = good.example s1 {key.path}\n")
+                 f"[check.dkim_sign]\nkeys = good.example s1 {key.path}\n", policies)
     assert cli.main(["audit", "-c", config, "--no-mta", "--json"]) == 0
     found = {(f["area"], f["check"]): f for f in json.loads(capsys.readouterr().out)}
     assert {k: f["status"] for k, f in found.items()} == {
-        ("good.example", c): "pass" for c in ("spf", "dkim", "dmarc", "mta-sts", "tls-rpt")}
+        ("good.example", c): "pass" for c in ("spf", "dkim", "dmarc", "mta-sts",
+                                              "mta-sts-policy", "tls-rpt")}
     assert "(3 lookups)" in found["good.example", "spf"]["detail"]
+    assert found["good.example", "mta-sts-policy"]["detail"] == \
+        "mode=enforce max_age=1209600 mx=*.good.example"
+
+
+STS_ZONE = "".join(f"""
+_mta-sts.{d}.example. TXT "v=STSv1; id=1"
+mta-sts.{d}.example.  A 127.0.0.1
+{d}.example.          MX 10 mx.{d}.example.
+""" for d in ("testing", "stray", "gone", "short")) + """
+stray.example.        MX 20 backup.elsewhere.example.
+_mta-sts.broken.example. TXT "v=STSv1; id=not-valid!"
+"""
+
+
+def test_each_mta_sts_mistake_is_found(nameserver: Nameserver, tmp_path: Path,
+                                       policies: Policies,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    nameserver.load_zone(STS_ZONE)
+    policies.policy("testing.example", GOOD_POLICY.replace("enforce", "testing")
+                    .replace("good", "testing"))
+    policies.policy("stray.example", GOOD_POLICY.replace("*.good", "mx.stray"))
+    policies.policy("short.example", GOOD_POLICY.replace("*.good", "*.short")
+                    .replace("1209600", "3600"))
+    # gone.example publishes the TXT record, but its policy host answers 404
+    domains = "testing.example stray.example gone.example short.example broken.example"
+    config = ini(tmp_path, nameserver, domains, "", policies)
+    assert cli.main(["audit", "-c", config, "--no-mta", "--json"]) == 1
+    found = {(f["area"], f["check"]): f for f in json.loads(capsys.readouterr().out)
+             if f["check"].startswith("mta-sts")}
+    status = {k: f["status"] for k, f in found.items()}
+    assert status == {
+        ("testing.example", "mta-sts"): "pass", ("testing.example", "mta-sts-policy"): "warn",
+        ("stray.example", "mta-sts"): "pass", ("stray.example", "mta-sts-policy"): "fail",
+        ("gone.example", "mta-sts"): "pass", ("gone.example", "mta-sts-policy"): "fail",
+        ("short.example", "mta-sts"): "pass", ("short.example", "mta-sts-policy"): "warn",
+        ("broken.example", "mta-sts"): "fail",
+    }
+    assert "MX backup.elsewhere.example not named" in \
+        found["stray.example", "mta-sts-policy"]["detail"]
+    assert "HTTP status 404" in found["gone.example", "mta-sts-policy"]["detail"]
 
 
 def test_neglected_domains_get_each_finding(nameserver: Nameserver, tmp_path: Path,
@@ -180,10 +254,12 @@ def test_dns_failure_is_a_failure_not_a_pass(nameserver: Nameserver, tmp_path: P
 
 
 def test_whole_audit_through_the_cli(nameserver: Nameserver, tmp_path: Path,
+                                     policies: Policies,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     nameserver.load_zone(GOOD_ZONE)
+    policies.policy("good.example", GOOD_POLICY)
     good = postfix_dir(tmp_path, "pf", HARDENED_MAIN, HARDENED_MASTER)
-    config = ini(tmp_path, nameserver, "good.example")
+    config = ini(tmp_path, nameserver, "good.example", "", policies)
     code = cli.main(["audit", "-c", config, "--postfix-dir", good])
     out = capsys.readouterr().out
     assert code == 0, out  # only warnings: no DKIM key configured

@@ -5,8 +5,8 @@ services of master.cf), of this host or of a given configuration directory. The 
 asks DNS, through the same resolver as the milter ([dns]), about every domain of
 `[milter] local_domains`. Each finding is pass, warn or fail, with the fix.
 
-What it does not check yet (issue 12): that the MTA-STS policy file is reachable and
-consistent with the MX records (only the `_mta-sts` TXT record is looked at).
+For MTA-STS it fetches the policy file as a sending MTA would (`[sts]` ca_file and https_port
+apply) and compares its `mx` patterns with the domain's MX records.
 """
 
 from __future__ import annotations
@@ -18,9 +18,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 from mailward.core.config import Config
+from mailward.core.settings import StsSettings
 from mailward.errors import MailwardError
 from mailward.services import keys
 from mailward.services.dns import DnsError, Resolver
+from mailward.sts.fetch import FetchError, fetch_policy, tls_context
+from mailward.sts.policy import Mode as StsMode
+from mailward.sts.policy import mx_matches, parse_txt
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 OLD_TLS = ("SSLv2", "SSLv3", "TLSv1", "TLSv1.1")
@@ -165,9 +169,9 @@ def mta_findings(conf: dict[str, str], services: dict[str, str], socket: str) ->
     sts = "socketmap:" in get("smtp_tls_policy_maps", "")
     add("sts-policy-map", sts,
         f"smtp_tls_policy_maps = {get('smtp_tls_policy_maps', '') or '(none)'}",
-        "smtp_tls_policy_maps = socketmap:...:postfix with an MTA-STS policy service (today "
-        "postfix-mta-sts-resolver), so mail to domains that ask for TLS never goes in clear "
-        "text", WARN)
+        "smtp_tls_policy_maps = socketmap:inet:127.0.0.1:8461:postfix with mailward's MTA-STS "
+        "policy service (mailward-sts.service), so mail to domains that ask for TLS never "
+        "goes in clear text", WARN)
     return out
 
 
@@ -212,8 +216,40 @@ def _txt(resolver: Resolver, name: str, prefix: str) -> list[str]:
     return [r for r in _texts(resolver, name) if r.lower().startswith(prefix)]
 
 
+def sts_policy(domain: str, resolver: Resolver, settings: StsSettings,
+               add: Callable[..., None]) -> None:
+    """The policy file behind a valid `_mta-sts` record: reachable, enforcing, and naming
+    every MX host (senders that enforce it refuse an MX it does not name)."""
+    check = "mta-sts-policy"
+    try:
+        got = fetch_policy(domain, resolver, settings, tls_context(settings.ca_file))
+    except FetchError as exc:
+        add(check, FAIL, f"policy not available ({exc})", f"serve https://mta-sts.{domain}/"
+            ".well-known/mta-sts.txt (text/plain, a certificate valid for that name, no "
+            "redirect): senders ignore the TXT record without it")
+        return
+    policy = got.policy
+    mx = sorted({str(r.exchange).rstrip(".").lower() for r in resolver.query(domain, "MX")})
+    unnamed = [h for h in mx if not any(mx_matches(p, h) for p in policy.mx)]
+    summary = f"mode={policy.mode} max_age={policy.max_age} mx={','.join(policy.mx) or '-'}"
+    if policy.mode is StsMode.ENFORCE and unnamed:
+        add(check, FAIL, f"{summary}; MX {', '.join(unnamed)} not named: senders enforcing "
+            "the policy will not deliver there", "add the MX host names to the policy's mx: "
+            "lines (and change the TXT id)")
+    elif policy.mode is not StsMode.ENFORCE:
+        extra = f"; MX {', '.join(unnamed)} not named" if unnamed else ""
+        add(check, WARN, f"{summary}{extra}: senders do not refuse clear text",
+            "move to mode: enforce once TLS reports show no failures (change the TXT id)")
+    elif policy.max_age < 86400:
+        add(check, WARN, f"{summary}: a short max_age leaves little protection when the "
+            "policy host is unreachable", "max_age: 604800 or more (RFC 8461 suggests weeks)")
+    else:
+        add(check, PASS, summary)
+
+
 def domain_findings(domain: str, resolver: Resolver,
-                    signing: Iterable[keys.SigningKey]) -> list[Finding]:
+                    signing: Iterable[keys.SigningKey],
+                    sts: StsSettings = StsSettings()) -> list[Finding]:  # noqa: B008 - frozen
     out: list[Finding] = []
 
     def add(check: str, status: str, detail: str, fix: str = "") -> None:
@@ -273,11 +309,19 @@ def domain_findings(domain: str, resolver: Resolver,
 
     def mta_sts() -> None:
         found = _txt(resolver, f"_mta-sts.{domain}", "v=stsv1")
-        add("mta-sts", PASS if len(found) == 1 else WARN,
-            found[0] if len(found) == 1 else "no _mta-sts TXT record (senders may deliver in "
+        policy_id = parse_txt(tuple(r.encode() for r in found))
+        if len(found) == 1 and policy_id is None:
+            add("mta-sts", FAIL, f"{found[0]!r} is not a valid MTA-STS record",
+                f'publish _mta-sts.{domain}. TXT "v=STSv1; id=YYYYMMDDHHMMSS"')
+            return
+        add("mta-sts", PASS if policy_id else WARN,
+            found[0] if policy_id else "no _mta-sts TXT record (senders may deliver in "
             "clear text to a forged MX)",
             "publish _mta-sts TXT \"v=STSv1; id=...\" and https://mta-sts.DOMAIN/.well-known/"
-            "mta-sts.txt (the policy file itself is not checked yet)")
+            "mta-sts.txt")
+        if policy_id:
+            sts_policy(domain, resolver, sts, add)
+
 
     def tls_rpt() -> None:
         found = _txt(resolver, f"_smtp._tls.{domain}", "v=tlsrptv1")
@@ -300,7 +344,7 @@ def run(cfg: Config, config_dir: str = "", *, with_mta: bool = True) -> list[Fin
     signing = [k for link in cfg.chain if link.name in ("dkim_sign", "arc_seal")
                for k in _keys(link.settings)]
     for domain in cfg.milter.local_domains:
-        findings += domain_findings(domain, resolver, signing)
+        findings += domain_findings(domain, resolver, signing, cfg.sts)
     if not cfg.milter.local_domains:
         findings.append(Finding("domains", "local-domains", WARN,
                                 "[milter] local_domains is empty: no domain checked",
