@@ -122,6 +122,8 @@ def stsnet() -> Iterator[StsNet]:
             cert, key = ca.issue(cert_name, [cert_name])
             spec |= {"cert": str(cert), "key": str(key)}
         mx_specs.append(spec)
+    # fresh.test publishes a policy id, but is first asked for once its host is down
+    zone += ['_mta-sts.fresh.test. TXT "v=STSv1; id=1;"', "mta-sts.fresh.test. A 127.0.0.10"]
     cert, key = ca.issue("policies", [f"mta-sts.{d}" for d in DOMAINS])
     capture = root / "capture"
     capture.mkdir()
@@ -211,3 +213,14 @@ def test_postfix_delivers_as_each_domains_policy_says(stsnet: StsNet) -> None:
     assert "mx.cached.test" not in {m["mx"] for m in stsnet.received()}
     # a domain never seen before has no policy while its host is down: no TLS demanded
     assert stsnet.ask("fresh.test") == b"NOTFOUND "
+    # the service's metrics, as Prometheus would scrape them inside the namespace
+    scrape = subprocess.run(stsnet.netns.command(
+        sys.executable, "-c", "import urllib.request as u; print(u.urlopen("
+        "'http://127.0.0.1:9896/metrics', timeout=10).read().decode())"),
+        capture_output=True, text=True, check=True).stdout
+    samples = dict(line.rsplit(" ", 1) for line in scrape.splitlines()
+                   if line and not line.startswith("#"))
+    assert float(samples['mailward_sts_fetches_total{outcome="ok"}']) == 6
+    assert float(samples['mailward_sts_fetches_total{outcome="connect_error"}']) == 1
+    assert float(samples['mailward_sts_lookups_total{answer="secure"}']) >= 5
+    assert float(samples['mailward_sts_lookups_total{answer="testing"}']) >= 1

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,6 +103,9 @@ def test_enforce_is_fetched_once_then_answered_from_the_cache(world: World) -> N
     again = service.lookup("STS.test.")
     assert (again.text, again.source) == (SECURE, "cache")
     assert world.https.hits == {"mta-sts.sts.test": 1}
+    assert world.metrics.registry.get_sample_value("mailward_sts_lookups_total",
+                                                   {"answer": "secure"}) == 2
+    assert world.fetches("ok") == 1
     assert first.reply() == b"OK " + SECURE.encode()
     # persistent: a new service on the same store (a restart) answers without fetching
     assert world.service().lookup("sts.test").source == "cache"
@@ -196,6 +200,29 @@ def test_expiry_half_life_and_the_background_sweep(world: World) -> None:
     assert answer.kind == "nopolicy" and world.cache.get("sts.test") is None
     service.sweep()
     assert world.metrics.registry.get_sample_value("mailward_sts_cache_policies") == 0
+
+
+def test_the_background_thread_renews_a_changed_policy(world: World) -> None:
+    """The refresher as it runs in the service, on the real clock: a policy whose TXT id
+    changes is refetched without any lookup waiting for it."""
+    world.publish("sts.test", ENFORCE)
+    service = world.service(refresh_interval=0.2)
+    service._clock = time.time
+    assert service.lookup("sts.test").text == SECURE
+    world.publish("sts.test", ENFORCE.replace("mx1.sts.test", "mx7.sts.test"), "two")
+    thread = threading.Thread(target=service.run_refresher, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 15
+        while (entry := world.cache.get("sts.test")) is None or entry.policy_id != "two":
+            assert time.monotonic() < deadline, "the refresher did not renew the policy"
+            time.sleep(0.1)
+    finally:
+        service.stop()
+        thread.join(5)
+    assert service.lookup("sts.test", fetch=False).text == SECURE.replace("mx1", "mx7")
+    assert world.metrics.registry.get_sample_value("mailward_sts_refreshes_total",
+                                                   {"outcome": "refetched"}) == 1
 
 
 def test_a_broken_cache_answers_temp_never_no_policy(world: World, tmp_path: Path) -> None:
