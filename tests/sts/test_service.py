@@ -141,6 +141,22 @@ def test_a_policy_that_cannot_be_had_is_no_policy(world: World, site: Site,
     assert world.cache.get("sts.test") is None
 
 
+def test_a_failed_fetch_is_not_retried_by_every_lookup(world: World) -> None:
+    world.publish("sts.test", ENFORCE)
+    world.https.sites["mta-sts.sts.test"] = Site(ENFORCE.encode(), trickle=0.05)
+    service = world.service()
+    assert service.lookup("sts.test").kind == "nopolicy"
+    started = time.monotonic()
+    again = service.lookup("sts.test")
+    assert (again.kind, again.note) == ("nopolicy",
+                                        "policy fetch failed recently; retried later")
+    assert time.monotonic() - started < 1 and world.fetches("timeout") == 1
+    # five minutes later the host works again, and the policy is fetched
+    world.https.sites["mta-sts.sts.test"] = Site(ENFORCE.encode())
+    world.clock.now += 301
+    assert service.lookup("sts.test").kind == "secure"
+
+
 def test_a_certificate_for_another_name_is_refused(world: World, ca: TestCA) -> None:
     cert, key = ca.issue("wrong", ["mta-sts.elsewhere.test"])
     wrong = PolicyServer(cert, key)
@@ -150,6 +166,7 @@ def test_a_certificate_for_another_name_is_refused(world: World, ca: TestCA) -> 
         answer = world.service(https_port=wrong.port).lookup("sts.test")
         assert answer.kind == "nopolicy" and world.fetches("tls_error") == 1
         # and without the test CA, the system's trust store does not know it
+        world.clock.now += 301  # past the failed fetch's back-off
         answer = world.service(ca_file="").lookup("sts.test")
         assert answer.kind == "nopolicy" and world.fetches("tls_error") == 2
     finally:

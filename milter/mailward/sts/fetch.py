@@ -78,12 +78,15 @@ def fetch_policy(domain: str, resolver: Resolver, settings: StsSettings,
     """GET https://mta-sts.DOMAIN/.well-known/mta-sts.txt and parse it; FetchError otherwise."""
     host = f"mta-sts.{domain}"
     deadline = time.monotonic() + settings.fetch_timeout
-    try:
-        addresses = [r.address for rtype in ("A", "AAAA") for r in resolver.query(host, rtype)]
-    except DnsError as exc:
-        raise FetchError("dns_error", str(exc)) from None
+    addresses: list[str] = []
+    failure = ""
+    for rtype in ("A", "AAAA"):  # one family failing does not stop the other
+        try:
+            addresses += [r.address for r in resolver.query(host, rtype)]
+        except DnsError as exc:
+            failure = str(exc)
     if not addresses:
-        raise FetchError("dns_error", f"{host} has no address")
+        raise FetchError("dns_error", failure or f"{host} has no address")
     limit = settings.max_policy_size + HEADER_ALLOWANCE
     last = FetchError("connect_error", f"{host}: no address answered")
     for address in addresses[:MAX_ADDRESSES]:

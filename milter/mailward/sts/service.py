@@ -47,6 +47,11 @@ from mailward.sts.policy import Mode, lookup_domain, postfix_answer
 log = logging.getLogger("mailward.sts")
 
 MAX_REQUEST = 1024  # a socketmap request: the map name, a space and a domain
+# After a failed fetch, lookups of that domain answer "no policy" at once for this long rather
+# than each waiting out another fetch (one after the other, behind the domain's lock): a
+# policy host that hangs must not stall every delivery to its domain past Postfix's patience.
+FAILED_FETCH_BACKOFF = 300.0
+MAX_FAILED = 10000
 MAX_CONNECTIONS = 512
 IDLE_TIMEOUT = 300.0
 
@@ -82,6 +87,7 @@ class PolicyService:
         self._locks_guard = threading.Lock()
         self._pending: queue.Queue[str] = queue.Queue(maxsize=10000)
         self._queued: set[str] = set()
+        self._failed: dict[str, float] = {}  # domain -> until when a fetch is not retried
         self._stop = threading.Event()
 
     def now(self) -> float:
@@ -131,11 +137,21 @@ class PolicyService:
             if stale is not None:
                 self.cache.delete(domain)
             return Answer(domain, "nopolicy", None, "none", note="no MTA-STS TXT record")
+        now = self.now()
+        if self._failed.get(domain, 0.0) > now:
+            return Answer(domain, "nopolicy", None, "none", stale,
+                          note="policy fetch failed recently; retried later")
         entry = self._fetch(domain, policy_id)
         if entry is None:
             if stale is not None:
                 self.cache.delete(domain)  # expired, and no fresh one: RFC 8461 §5.1
+            with self._locks_guard:
+                if len(self._failed) >= MAX_FAILED:
+                    self._failed = {d: t for d, t in self._failed.items() if t > now}
+                if len(self._failed) < MAX_FAILED:
+                    self._failed[domain] = now + FAILED_FETCH_BACKOFF
             return Answer(domain, "nopolicy", None, "none", note="policy fetch failed")
+        self._failed.pop(domain, None)
         self.cache.put(entry)
         return self._answer(entry, "fetched")
 
