@@ -265,8 +265,14 @@ def test_dane_steps_in_only_when_validated(world: World) -> None:
     assert answer.kind == "secure"
     world.cache.purge()
     world.dns.validated.add("_25._tcp.mx1.dane.test")
-    answer = world.service(dane_resolver=validator).lookup("dane.test")
+    service = world.service(dane_resolver=validator)
+    answer = service.lookup("dane.test")
     assert (answer.kind, answer.text) == ("dane", "dane-only")
+    # the TLSA records withdrawn, the policy unchanged: the next refresh notices
+    world.dns.validated.clear()
+    world.clock.now += 120
+    assert service.refresh("dane.test") == "unchanged"
+    assert service.lookup("dane.test").kind == "secure"
     world.cache.purge()
     # DANE not configured: MTA-STS as published
     assert world.service().lookup("dane.test").kind == "secure"

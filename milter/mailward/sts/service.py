@@ -32,7 +32,7 @@ import socketserver
 import ssl
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mailward import __version__
 from mailward.core.settings import StsSettings
@@ -164,15 +164,19 @@ class PolicyService:
             return None
         self.metrics.fetches.labels(outcome="ok").inc()
         now = self.now()
-        dane = False
-        if self.settings.dane_resolver and got.policy.mode is Mode.ENFORCE:
-            dane = dane_validated(domain, self.resolver, self.settings.dane_resolver,
-                                  self.settings.fetch_timeout)
+        dane = self._dane(domain, got.policy.mode)
         log.info("sts policy %s id=%s mode=%s max_age=%d mx=%s%s (was %s)", domain, policy_id,
                  got.policy.mode, got.policy.max_age, ",".join(got.policy.mx),
                  " dane" if dane else "", old.policy_id if old else "none")
         return Entry(domain, policy_id, got.policy, fetched=now,
                      expires=now + got.policy.max_age, checked=now, dane=dane)
+
+    def _dane(self, domain: str, mode: Mode) -> bool:
+        """Whether DANE takes this enforce domain's place (see fetch.dane_validated)."""
+        if not self.settings.dane_resolver or mode is not Mode.ENFORCE:
+            return False
+        return dane_validated(domain, self.resolver, self.settings.dane_resolver,
+                              self.settings.fetch_timeout)
 
     def _answer(self, entry: Entry, source: str) -> Answer:
         mode = entry.policy.mode
@@ -221,7 +225,9 @@ class PolicyService:
             return "failed"
         half_gone = now - entry.fetched >= entry.policy.max_age / 2
         if policy_id is not None and policy_id == entry.policy_id and not half_gone:
-            self.cache.put(entry.checked_now(now))
+            # TLSA records come and go without the policy changing: look again
+            dane = self._dane(entry.domain, entry.policy.mode)
+            self.cache.put(replace(entry.checked_now(now), dane=dane))
             return "unchanged"
         # a new id, or time to renew; a vanished TXT record alone removes nothing
         # (RFC 8461 §8.3: a domain withdraws with a `mode: none` policy)
