@@ -7,6 +7,7 @@ import ipaddress
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -137,3 +138,37 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+POSTGRES_BIN = "/usr/lib/postgresql/15/bin"
+
+
+@pytest.fixture(scope="session")
+def postgresql_url() -> Iterator[str]:
+    """A private PostgreSQL cluster (Debian's postgresql 15) on 127.0.0.1, for the session:
+    initdb into a temporary directory and pg_ctl, run as the postgres user."""
+    need(os.path.exists(f"{POSTGRES_BIN}/initdb"), "postgresql is missing: apt-get install "
+         "postgresql")
+    need(os.geteuid() == 0, "starting PostgreSQL as its own user needs root")
+    root = tempfile.mkdtemp(prefix="mailward-pg-")
+    shutil.chown(root, "postgres")
+    data = os.path.join(root, "data")
+    port = free_port()
+
+    def as_postgres(*args: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True,
+                       capture_output=True, timeout=120)
+
+    as_postgres(f"{POSTGRES_BIN}/initdb", "-D", data, "--auth=trust", "-U", "postgres",
+                "--no-sync")
+    as_postgres(f"{POSTGRES_BIN}/pg_ctl", "-D", data, "-l", os.path.join(root, "log"), "-w",
+                "-o", f"-c listen_addresses=127.0.0.1 -c port={port} "
+                f"-c unix_socket_directories={root} -c fsync=off", "start")
+    try:
+        as_postgres(f"{POSTGRES_BIN}/createdb", "-h", "127.0.0.1", "-p", str(port), "mailward")
+        yield f"postgresql://postgres@127.0.0.1:{port}/mailward"
+    finally:
+        subprocess.run(["runuser", "-u", "postgres", "--", f"{POSTGRES_BIN}/pg_ctl", "-D",
+                        data, "-m", "fast", "-w", "stop"], check=False, capture_output=True,
+                       timeout=120)
+        shutil.rmtree(root, ignore_errors=True)

@@ -248,7 +248,8 @@ def test_run_gives_its_unix_socket_to_the_mta_only() -> None:
     sock = workdir / "milter.sock"
     ini = workdir / "m.ini"
     ini.write_text(f"[milter]\nsocket = unix:{sock}\nauthserv_id = mx.example.com\n"
-                   "local_domains = example.com\n[metrics]\nlisten =\n")
+                   "local_domains = example.com\n[metrics]\nlisten =\n"
+                   f"[reports]\nsqlite_path = {workdir / 'reports.sqlite'}\n")
     try:
         group = grp.getgrnam("postfix").gr_gid
     except KeyError:

@@ -33,8 +33,10 @@ from mailward.core.check import Registry
 from mailward.core.config import Config
 from mailward.core.snapshot import Snapshot
 from mailward.errors import ConfigError, MailwardError
+from mailward.reports.hooks import Reporting
 from mailward.services import watchdog
 from mailward.services.metrics import Metrics
+from mailward.services.reportstore import StoreError
 from mailward.services.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
@@ -55,12 +57,18 @@ class App:
         self._reload_lock = threading.Lock()
         self.notifier = Notifier()
         self.drain = Drain()
+        self._reports: Reporting | None = None
         self._watchdog: threading.Event | None = None
         self._stop_signals = 0
 
     @property
     def snapshot(self) -> Snapshot:
         return self._snapshot
+
+    @property
+    def reports(self) -> Reporting | None:
+        """The report store's hooks, once `run` has opened it ([reports] store)."""
+        return self._reports
 
     @property
     def config(self) -> Config:
@@ -140,6 +148,14 @@ class App:
             except OSError as exc:
                 raise MailwardError(f"[metrics] listen {host}:{port}: {exc.strerror}") from None
             log.info("metrics on http://%s:%d/metrics", host, port)
+        try:
+            self._reports = Reporting.start(cfg.reports, self.metrics)
+        except StoreError as exc:
+            # mail matters more than reports about it: serve, and say so loudly
+            log.error("[reports] %s: DMARC outcomes are NOT recorded and report mail is not "
+                      "read until this is fixed and mailward restarted (store = off to "
+                      "silence)", exc)
+            self.metrics.report_rows.labels(outcome="error").inc()
         checks = ", ".join(f"{link.name}({link.mode})" for link in cfg.chain)
         log.info("mailward listening on %s, checks: %s", cfg.milter.socket, checks or "none")
         failure: list[ServeError] = []
@@ -163,6 +179,8 @@ class App:
         finally:
             if self._watchdog is not None:
                 self._watchdog.set()
+        if self._reports is not None:
+            self._reports.close()  # what is queued is written
         if failure:
             raise MailwardError(f"[milter] socket {cfg.milter.socket}: {failure[0]}")
         self.notifier.stopping()

@@ -19,6 +19,7 @@ from mailward.core import config as configmod
 from mailward.core.snapshot import build
 from mailward.errors import MailwardError
 from mailward.lab.demo import main as demo_main
+from mailward.reports import commands as report_commands
 from mailward.scan import report_dict, scan
 from mailward.services import keys
 from mailward.services.dns import DnsError, Resolver
@@ -289,6 +290,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(keep=args.keep)
 
 
+def cmd_reports(args: argparse.Namespace) -> int:
+    cfg = _config_or_defaults(args.config)
+    _setup_logging("warning")
+    if args.action == "build":
+        if args.send and args.out:
+            raise UsageError("--send or --out, not both")
+        return report_commands.run_build(cfg, period=args.period, out=args.out,
+                                         send=args.send)
+    if args.action == "ingest":
+        if not args.files:
+            raise UsageError("ingest: name the report files")
+        return report_commands.run_ingest(cfg, args.files)
+    if args.action == "html":
+        if not args.out:
+            raise UsageError("html: --out FILE")
+        return report_commands.run_html(cfg, out=args.out, domain=args.domain,
+                                        since_spec=args.since)
+    return report_commands.run_show(cfg, domain=args.domain, since_spec=args.since,
+                                    as_json=args.json, unauthenticated=args.unauthenticated,
+                                    rejected=args.rejected)
+
+
+def _add_reports_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("reports", help="DMARC aggregate reports: build and send ours, ingest "
+                                       "and show those sent to us")
+    p.add_argument("action", choices=("build", "ingest", "show", "html"),
+                   help="build: one period's reports (--send, or --out DIR); ingest FILE...: "
+                        "reports fetched elsewhere (XML, gzip, zip); show: who sends as our "
+                        "domains; html --out FILE: the same as a page")
+    p.add_argument("files", nargs="*", help="ingest: report files")
+    p.add_argument("-c", "--config", default="")
+    p.add_argument("--period", default="yesterday", help="build: yesterday, today or "
+                                                         "YYYY-MM-DD (UTC)")
+    p.add_argument("--send", action="store_true", help="build: mail them through [reports] "
+                                                       "relay")
+    p.add_argument("--out", default="", help="build: a directory for the .xml.gz files; "
+                                             "html: the file")
+    p.add_argument("--domain", default="")
+    p.add_argument("--since", default="7d", help="show/html: 7d, 24h or YYYY-MM-DD")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--unauthenticated", action="store_true",
+                   help="show: only reports whose mail did not pass DMARC (maybe forged)")
+    p.add_argument("--rejected", action="store_true",
+                   help="show: reports refused on arrival, with the reason")
+    p.set_defaults(func=cmd_reports)
+
+
 def _add_sts_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("sts", help="the MTA-STS policy service for Postfix's SMTP client: "
                                    "run it, ask it, empty its cache")
@@ -359,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_audit)
 
     _add_sts_parser(sub)
+    _add_reports_parser(sub)
 
     p = sub.add_parser("docs", help="print the configuration or metrics reference "
                                     "(Markdown, generated from the code)")

@@ -34,6 +34,7 @@ class Runtime:
         self.metrics = Metrics()
         self.snapshot = build(config, metrics=self.metrics)
         self.drain = Drain()
+        self.reports = None
 
 
 class RecordingCtx(testctx.TestCtx):  # type: ignore[misc]

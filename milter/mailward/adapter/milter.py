@@ -79,6 +79,22 @@ class Runtime(Protocol):
     @property
     def drain(self) -> Drain: ...
 
+    @property
+    def reports(self) -> ReportHooks | None: ...
+
+
+class ReportHooks(Protocol):
+    """What the adapter tells the report store (reports/hooks.py); none of it may raise."""
+
+    @property
+    def max_message(self) -> int: ...
+
+    def judged(self, tx: Transaction, verdict: Verdict) -> None: ...
+
+    def wants(self, tx: Transaction) -> bool: ...
+
+    def received(self, tx: Transaction, verdict: Verdict, raw: bytes) -> None: ...
+
 
 # The answer to MAIL FROM while mailward is stopping: 421 makes Postfix end the session, so
 # the client retries later (or at another MX) on a new connection.
@@ -336,7 +352,9 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
                                             observe=self._observe)
             self._count(tx, verdict)
             self._log(tx, verdict)
-            return self._apply(verdict)
+            code = self._apply(verdict)
+            self._report(tx, verdict)
+            return code
         finally:
             self._reset()
 
@@ -417,6 +435,32 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
         if verdict.action is Action.QUARANTINE and verdict.quarantine is Quarantine.HOLD:
             self.quarantine(verdict.quarantine_reason or "mailward")
         return ACCEPT
+
+    def _report(self, tx: Transaction, verdict: Verdict) -> None:
+        """The final outcome to the report store; report mail to the inbox. Never raises."""
+        hooks = self.runtime.reports
+        if hooks is None:
+            return
+        try:
+            hooks.judged(tx, verdict)
+            if verdict.action in (Action.ACCEPT, Action.QUARANTINE) and hooks.wants(tx):
+                raw = self._raw_message(tx, hooks.max_message)
+                if raw is not None:
+                    hooks.received(tx, verdict, raw)
+        except Exception:
+            log.exception("qid=%s: reports: not recorded", tx.queue_id)
+
+    def _raw_message(self, tx: Transaction, limit: int) -> bytes | None:
+        """The message as received (header and body), or None past `limit` bytes."""
+        head = b"".join(f"{name}:{value}\r\n".encode("utf-8", "surrogateescape")
+                        for name, value in self.headers)
+        if tx.body is None:
+            return head + b"\r\n"
+        if len(head) + tx.body.size > limit:
+            log.warning("qid=%s report mail of %d bytes not read (max_ingest_size %d)",
+                        tx.queue_id, len(head) + tx.body.size, limit)
+            return None
+        return head + b"\r\n" + b"".join(tx.body.chunks())
 
     def _count(self, tx: Transaction, verdict: Verdict) -> None:
         m = self.runtime.metrics

@@ -413,8 +413,14 @@ def evaluate_domain(author: str, ids: Identifiers, discovery: Discovery,
     except DnsError as exc:
         return _result(DmarcOutcome(Result.TEMPERROR, author, reason=str(exc)),
                        action=settings.on_temperror, reply=settings.temperror_reply)
+    record = found.record
+    published_tags = tuple((k, v) for k, v in (
+        ("p", record.p or "none"), ("sp", record.sp or ""), ("np", record.np or ""),
+        ("adkim", record.adkim), ("aspf", record.aspf), ("testing", record.t),
+        ("discovery_method", "psl" if settings.psl is not None else "treewalk"),
+        ("rua", ",".join(record.rua))) if v)
     evaluated = DmarcOutcome(Result.PASS, author, found.domain, published, applied,
-                             tuple(aligned))
+                             tuple(aligned), record=published_tags)
     if aligned:
         return _result(evaluated, reason=f"aligned {', '.join(aligned)}")
     if vouch is not None:

@@ -28,6 +28,7 @@ from mailward.core.settings import (
     MilterSettings,
     Mode,
     PolicySettings,
+    ReportsSettings,
     StsSettings,
     is_loopback_host,
     is_tcp,
@@ -38,7 +39,7 @@ from mailward.core.verdict import Action, Quarantine
 from mailward.errors import ConfigError
 from mailward.services.dns import DnsSettings
 
-CORE_SECTIONS = ("milter", "dns", "metrics", "policy", "sts")
+CORE_SECTIONS = ("milter", "dns", "metrics", "policy", "sts", "reports")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,7 @@ class Config:
     chain: tuple[Link[Any], ...]
     warnings: tuple[str, ...] = field(default=())
     sts: StsSettings = field(default_factory=StsSettings)
+    reports: ReportsSettings = field(default_factory=ReportsSettings)
 
 
 def load(path: str | Path, registry: Registry) -> Config:
@@ -94,6 +96,7 @@ def from_parser(path: str, parser: configparser.ConfigParser, registry: Registry
     dns = DnsSettings.load(section("dns"))
     metrics = MetricsSettings.load(section("metrics"))
     sts = StsSettings.load(section("sts"))
+    reports = ReportsSettings.load(section("reports"))
     psec = section("policy")
     order = psec.words("checks", registry.default_order)
     if not order:
@@ -131,7 +134,8 @@ def from_parser(path: str, parser: configparser.ConfigParser, registry: Registry
             warnings.append(f"[check.{check.name}] is configured but not in [policy] checks")
         if enabled and check.name in order:
             chain.append(Link(check, settings, mode, on_error, quarantine))
-    for s in (section("milter"), section("dns"), section("metrics"), section("sts"), psec):
+    for s in (section("milter"), section("dns"), section("metrics"), section("sts"),
+              section("reports"), psec):
         s.finish()
     chain.sort(key=lambda link: order.index(link.name))
     if not chain:
@@ -139,7 +143,8 @@ def from_parser(path: str, parser: configparser.ConfigParser, registry: Registry
                         "mail passes unchecked")
     for link in chain:
         warnings += link.check.config_warnings(link.settings, milter)
-    return Config(path, milter, dns, metrics, policy, tuple(chain), tuple(warnings), sts)
+    return Config(path, milter, dns, metrics, policy, tuple(chain), tuple(warnings), sts,
+                  reports)
 
 
 def exposure_warnings(milter: MilterSettings, metrics: MetricsSettings) -> list[str]:
@@ -196,7 +201,8 @@ def describe(config: Config) -> str:
 
     parts = [block("milter", config.milter), block("dns", config.dns),
              block("metrics", config.metrics),
-             block("policy", config.policy), block("sts", config.sts)]
+             block("policy", config.policy), block("sts", config.sts),
+             block("reports", config.reports)]
     for link in config.chain:
         parts.append(block(f"check.{link.name}", link.settings,
                            {"enabled": True, "mode": link.mode, "on_error": link.on_error,

@@ -163,6 +163,8 @@ class DmarcOutcome:
     `spf:DOMAIN`). Empty strings where evaluation stopped before knowing them.
     `arc_override` names the trusted ARC sealer whose results overrode a failing disposition
     (RFC 9990's `trusted_forwarder`): the result stays fail, `applied` becomes none.
+    `record` is the policy record as published, for aggregate reports (RFC 9990 §2.1,
+    `policy_published`): p, sp, np, adkim, aspf, testing, discovery_method and rua.
     """
 
     result: Result
@@ -173,6 +175,7 @@ class DmarcOutcome:
     aligned: tuple[str, ...] = ()
     reason: str = ""
     arc_override: str = ""
+    record: tuple[tuple[str, str], ...] = ()
 
     def entry(self) -> AuthResEntry:
         props: tuple[tuple[str, str, str], ...] = ()

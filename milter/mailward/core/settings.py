@@ -11,7 +11,7 @@ import ipaddress
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mailward.core.ini import DOMAIN_RE, IPNetwork, Section
 from mailward.core.verdict import Action, Quarantine, Reply
@@ -278,6 +278,100 @@ def _readable(raw: str) -> str:
     if raw and not (os.path.isabs(raw) and os.access(raw, os.R_OK)):
         raise ValueError(raw)
     return raw
+
+
+_MAILBOX = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9.-]{1,253}")
+
+
+def parse_mailbox(raw: str) -> str:
+    """A plain address (local@domain) we write into header fields: no display name, no
+    characters that could start another field or parameter."""
+    if raw and not (_MAILBOX.fullmatch(raw) and DOMAIN_RE.fullmatch(raw.rpartition("@")[2])):
+        raise ValueError(raw)
+    return raw.lower() if raw else raw
+
+
+def parse_mailboxes(raw: str) -> tuple[str, ...]:
+    return tuple(parse_mailbox(w) for w in re.split(r"[\s,]+", raw) if w)
+
+
+class ReportStoreKind(enum.StrEnum):
+    SQLITE = "sqlite"
+    POSTGRESQL = "postgresql"
+    OFF = "off"
+
+
+class RelayTls(enum.StrEnum):
+    REQUIRE = "require"
+    MAY = "may"
+    NO = "no"
+
+
+@dataclass(frozen=True)
+class ReportsSettings:
+    """[reports]: DMARC aggregate reports (RFC 9990), sent for the domains we judge and read
+    for our own. The milter records outcomes and takes in reports; `mailward reports` builds,
+    sends, ingests files and shows."""
+
+    store: ReportStoreKind = ReportStoreKind.SQLITE
+    sqlite_path: str = "/var/lib/mailward/reports.sqlite"
+    postgresql_url: str = field(default="", repr=False)  # may hold a password
+    retention: int = 90  # days
+    org_name: str = ""  # empty: [milter] authserv_id
+    sender: str = ""  # From of report mail; its domain must have a [check.dkim_sign] key
+    contact: str = ""  # empty: the sender
+    relay: tuple[str, int] = ("127.0.0.1", 25)
+    relay_tls: RelayTls = RelayTls.MAY
+    relay_user: str = ""
+    relay_password_file: str = ""
+    max_report_size: int = 10 * 1024 * 1024
+    ingest_addresses: tuple[str, ...] = ()
+    max_ingest_size: int = 20 * 1024 * 1024
+    max_report_records: int = 100000
+
+    @classmethod
+    def load(cls, sec: Section) -> ReportsSettings:
+        store = sec.choice("store", ReportStoreKind, cls.store)
+        url = sec.string("postgresql_url", "")
+        if store is ReportStoreKind.POSTGRESQL and not url.startswith(("postgresql://",
+                                                                       "postgres://")):
+            raise sec.error("postgresql_url", "postgresql://USER@HOST/DB when store = "
+                            "postgresql", "(hidden)" if url else "")
+        return cls(
+            store=store,
+            sqlite_path=sec.parse("sqlite_path", cls.sqlite_path, "an absolute path",
+                                  _abs_path),
+            postgresql_url=url,
+            retention=sec.integer("retention", cls.retention, minimum=1, maximum=3650),
+            org_name=sec.parse("org_name", "", "a host or domain name", _org_name),
+            sender=sec.parse("sender", "", "an address local@domain", parse_mailbox),
+            contact=sec.parse("contact", "", "an address local@domain", parse_mailbox),
+            relay=sec.parse("relay", cls.relay, "HOST:PORT with an IP address",
+                            _required_listen),
+            relay_tls=sec.choice("relay_tls", RelayTls, cls.relay_tls),
+            relay_user=sec.string("relay_user", ""),
+            relay_password_file=sec.parse("relay_password_file", "", "a readable file",
+                                          _readable),
+            max_report_size=sec.size("max_report_size", cls.max_report_size),
+            ingest_addresses=sec.parse("ingest_addresses", (), "addresses local@domain",
+                                       parse_mailboxes),
+            max_ingest_size=sec.size("max_ingest_size", cls.max_ingest_size),
+            max_report_records=sec.integer("max_report_records", cls.max_report_records,
+                                           minimum=1, maximum=10_000_000),
+        )
+
+
+def _org_name(raw: str) -> str:
+    if raw and not DOMAIN_RE.fullmatch(raw):
+        raise ValueError(raw)
+    return raw.lower().rstrip(".")
+
+
+def _required_listen(raw: str) -> tuple[str, int]:
+    found = parse_listen(raw)
+    if found is None:
+        raise ValueError(raw)
+    return found
 
 
 # Fields a quarantine header must not be: mailward would delete or rewrite what the message

@@ -494,9 +494,11 @@ class MailwardProcess:
             self.config_text = text
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.workdir.chmod(0o755)  # Postfix (user postfix) must reach the socket
-        self.config_path().write_text(self.config_text.format(
-            socket=self.milter_socket, port=self.port, metrics_port=self.metrics_port,
-            dns_port=self.dns_port))
+        text = self.config_text.format(socket=self.milter_socket, port=self.port,
+                                       metrics_port=self.metrics_port, dns_port=self.dns_port)
+        # the report store in this directory, unless the config says where
+        text = merge_ini(f"[reports]\nsqlite_path = {self.workdir / 'reports.sqlite'}\n", text)
+        self.config_path().write_text(text)
 
     def start(self) -> None:
         self.write()

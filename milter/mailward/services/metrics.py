@@ -13,6 +13,8 @@ from mailward import __version__
 DIRECTIONS = ("inbound", "outbound", "internal")
 VERDICTS = ("accept", "reject", "tempfail", "discard", "quarantine")
 DMARC_POLICIES = ("none", "quarantine", "reject")
+REPORT_ROWS = ("queued", "dropped", "error")
+REPORTS_INGESTED = ("accepted", "duplicate", "rejected", "bomb", "dropped", "error")
 STAGES = ("connect", "helo", "mail", "rcpt", "header", "body", "eom", "abort", "close")
 
 
@@ -67,6 +69,14 @@ class Metrics:
             registry=r)
         self.config_reloads = Counter("mailward_config_reloads", "Configuration reloads.",
                                       ["outcome"], registry=r)
+        self.report_rows = Counter(
+            "mailward_report_rows", "DMARC outcomes for aggregate reports: queued, dropped "
+            "(the queue was full) and error (the store refused a batch).", ["outcome"],
+            registry=r)
+        self.reports_ingested = Counter(
+            "mailward_reports_ingested", "Aggregate reports taken from report mail: accepted, "
+            "duplicate, rejected (malformed), bomb (decompression past the limit), dropped "
+            "(the inbox was full) and error.", ["outcome"], registry=r)
         self.build_info = Gauge("mailward_build_info", "Build information.", ["version"],
                                 registry=r)
         self.build_info.labels(version=__version__).set(1)
@@ -81,6 +91,10 @@ class Metrics:
             self.errors.labels(stage=stage)
         for outcome in ("ok", "failed"):
             self.config_reloads.labels(outcome=outcome)
+        for outcome in REPORT_ROWS:
+            self.report_rows.labels(outcome=outcome)
+        for outcome in REPORTS_INGESTED:
+            self.reports_ingested.labels(outcome=outcome)
 
     def serve(self, host: str, port: int) -> None:
         """Serve /metrics on host:port in a daemon thread."""

@@ -1,0 +1,80 @@
+"""What the milter does for reports, as the adapter's `ReportHooks`: record each message's
+final DMARC outcome (queued, written in batches), and hand report mail for our
+`ingest_addresses` to the inbox (a background thread). Neither ever delays or fails a message.
+
+Report mail is never itself recorded: neither a report sent to us (to `ingest_addresses`) nor
+our own (from `[reports] sender`, should it pass through this milter), so no two reporters
+can feed each other reports about reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from mailward.core.outcomes import DmarcOutcome
+from mailward.core.reporting import message_record
+from mailward.core.settings import ReportsSettings, ReportStoreKind
+from mailward.core.transaction import Transaction
+from mailward.core.verdict import Result, Verdict
+from mailward.reports.ingest import Inbox, Limits
+from mailward.services.metrics import Metrics
+from mailward.services.reportstore import QueuedWriter, open_store
+
+log = logging.getLogger("mailward.reports")
+
+
+class Reporting:
+    def __init__(self, settings: ReportsSettings, metrics: Metrics) -> None:
+        self.settings = settings
+        store = open_store(str(settings.store), sqlite_path=settings.sqlite_path,
+                           postgresql_url=settings.postgresql_url)
+        self.store = store
+        self.writer = QueuedWriter(
+            store, retention_days=settings.retention,
+            on_drop=lambda: metrics.report_rows.labels(outcome="dropped").inc(),
+            on_error=lambda: metrics.report_rows.labels(outcome="error").inc())
+        self._metrics = metrics
+        self.addresses = frozenset(settings.ingest_addresses)
+        self.inbox = Inbox(store, Limits(settings.max_ingest_size, settings.max_report_records),
+                           count=lambda outcome: metrics.reports_ingested.labels(
+                               outcome=outcome).inc()) if self.addresses else None
+
+    @classmethod
+    def start(cls, settings: ReportsSettings, metrics: Metrics) -> Reporting | None:
+        return None if settings.store is ReportStoreKind.OFF else cls(settings, metrics)
+
+    def wants(self, tx: Transaction) -> bool:
+        """Is this mail for one of our report mailboxes?"""
+        return bool(self.addresses) and any(r.lower() in self.addresses for r in tx.recipients)
+
+    def judged(self, tx: Transaction, verdict: Verdict) -> None:
+        if self.wants(tx) or (self.settings.sender
+                              and tx.mail_from.lower() == self.settings.sender):
+            return
+        row = message_record(tx, verdict, int(time.time()))
+        if row is not None:
+            self.writer.put(row)
+            self._metrics.report_rows.labels(outcome="queued").inc()
+
+    def received(self, tx: Transaction, verdict: Verdict, raw: bytes) -> None:
+        if self.inbox is None:
+            return
+        dmarc = next((r.outcome for r in verdict.results
+                      if isinstance(r.outcome, DmarcOutcome)), None)
+        authenticated = dmarc is not None and dmarc.result is Result.PASS
+        detail = (f"dmarc={dmarc.result} header.from={dmarc.author_domain}" if dmarc
+                  else "no DMARC result")
+        self.inbox.submit(raw, source=f"qid={tx.queue_id}", authenticated=authenticated,
+                          detail=detail)
+
+    @property
+    def max_message(self) -> int:
+        """Report mail larger than this is not read (the size before decompression)."""
+        return self.settings.max_ingest_size
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.inbox is not None:
+            self.inbox.close()
+        self.store.close()

@@ -1,0 +1,183 @@
+"""Aggregate reports as XML both ways, against the schema in ../shared/reference; hostile
+reports (entities, external references, bombs, floods of records) refused with the reason."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from mailward.reports.aggregate import Report, ReportError, aggregate, parse, render
+from mailward.reports.build import period, report_id
+from mailward.reports.unpack import Bomb, attachments, gunzip, unzip, xml_of
+from mailward.services.reportstore import MessageRecord
+
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "reports"  # the draft's XSD, copied
+SCHEMA = etree.XMLSchema(etree.parse(str(REFERENCE / "dmarc-aggregate-report-0.2.xsd")))
+
+
+def rows() -> list[MessageRecord]:
+    base = dict(policy_domain="example.org", header_from="example.org",
+                envelope_from="example.org", disposition="pass", dkim_aligned="pass",
+                spf_aligned="pass", dkim=(("example.org", "s1", "pass"),),
+                spf=("example.org", "mailfrom", "pass"),
+                policy=(("p", "reject"), ("sp", "quarantine"), ("adkim", "s"),
+                        ("testing", "n"), ("discovery_method", "treewalk"),
+                        ("rua", "mailto:d@example.org")))
+    spoof = base | dict(disposition="reject", dkim_aligned="fail", spf_aligned="fail",
+                        dkim=(), spf=("evil.example", "mailfrom", "fail"),
+                        envelope_from="evil.example")
+    monitored = spoof | dict(disposition="none",
+                             reasons=(("local_policy", "monitor mode: would reject"),))
+    out = [MessageRecord(time=1_800_000_000 + i, source_ip="192.0.2.1", **base)  # type: ignore[arg-type]
+           for i in range(3)]
+    out += [MessageRecord(time=1_800_000_100, source_ip="2001:db8::6", **spoof),  # type: ignore[arg-type]
+            MessageRecord(time=1_800_000_200, source_ip="203.0.113.9", **monitored),  # type: ignore[arg-type]
+            MessageRecord(time=1_800_000_300, source_ip="192.0.2.1", **(base | dict(  # type: ignore[arg-type]
+                policy_domain="other.example", header_from="other.example")))]
+    return out
+
+
+def report_of(domain: str = "example.org") -> Report:
+    policy, grouped = aggregate(rows())[domain]
+    return Report("mx.example.net", "dmarc-reports@example.net",
+                  report_id("mx.example.net", domain, 1_799_971_200), 1_799_971_200,
+                  1_800_057_599, domain, policy, grouped, "mailward test")
+
+
+def test_one_report_per_policy_domain_and_one_record_per_distinct_outcome() -> None:
+    found = aggregate(rows())
+    assert sorted(found) == ["example.org", "other.example"]
+    policy, grouped = found["example.org"]
+    assert dict(policy)["p"] == "reject"
+    assert [(r.source_ip, r.count, r.disposition) for r in grouped] == [
+        ("192.0.2.1", 3, "pass"), ("2001:db8::6", 1, "reject"), ("203.0.113.9", 1, "none")]
+    assert grouped[2].reasons == (("local_policy", "monitor mode: would reject"),)
+
+
+def test_rendered_reports_are_valid_against_the_schema_and_read_back() -> None:
+    report = report_of()
+    xml = render(report)
+    document = etree.fromstring(xml)
+    SCHEMA.assertValid(document)
+    back = parse(xml, max_records=100)
+    assert (back.org_name, back.report_id, back.begin, back.end, back.policy_domain) == (
+        report.org_name, report.report_id, report.begin, report.end, report.policy_domain)
+    assert back.rows == tuple(r.__class__(r.source_ip, r.count, r.disposition, r.dkim_aligned,
+                                          r.spf_aligned, r.header_from, r.envelope_from,
+                                          r.dkim, r.spf, r.reasons) for r in report.rows)
+    assert dict(back.policy) == {"p": "reject", "sp": "quarantine", "adkim": "s",
+                                 "testing": "n", "discovery_method": "treewalk"}
+
+
+def test_the_schema_check_can_fail() -> None:
+    broken = render(report_of()).replace(b"<disposition>pass", b"<disposition>maybe")
+    assert not SCHEMA.validate(etree.fromstring(broken))
+
+
+def test_the_drafts_example_and_an_rfc7489_report_are_read() -> None:
+    example = parse((REFERENCE / "dmarc-aggregate-report-example-0.2.xml").read_bytes(),
+                    max_records=10)
+    assert (example.org_name, example.rows[0].count, example.rows[0].source_ip) == (
+        "Sample Reporter", 123, "192.0.2.123")
+    old = b"""<?xml version="1.0" encoding="UTF-8" ?>
+<feedback><report_metadata><org_name>google.com</org_name><email>noreply@google.com</email>
+<report_id>1234</report_id><date_range><begin>1700000000</begin><end>1700086399</end>
+</date_range></report_metadata><policy_published><domain>example.org</domain><adkim>r</adkim>
+<aspf>r</aspf><p>none</p><sp>none</sp><pct>100</pct></policy_published>
+<record><row><source_ip>209.85.220.41</source_ip><count>2</count><policy_evaluated>
+<disposition>none</disposition><dkim>pass</dkim><spf>pass</spf></policy_evaluated></row>
+<identifiers><header_from>example.org</header_from></identifiers><auth_results><dkim>
+<domain>example.org</domain><result>pass</result><selector>s1</selector></dkim><spf>
+<domain>example.org</domain><result>pass</result></spf></auth_results></record></feedback>"""
+    found = parse(old, max_records=10)
+    assert (found.org_name, found.policy_domain, found.rows[0].count) == (
+        "google.com", "example.org", 2)
+
+
+HOSTILE = {
+    "external entity": b"""<?xml version="1.0"?><!DOCTYPE f [<!ENTITY x SYSTEM
+        "file:///etc/passwd">]><feedback>&x;</feedback>""",
+    "entity expansion": b"""<?xml version="1.0"?><!DOCTYPE f [<!ENTITY a "aaaaaaaaaa">
+        <!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;"><!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;">
+        ]><feedback>&c;</feedback>""",
+    "not xml": b"\x00\x01 hello",
+    "wrong root": b"<html><body/></html>",
+    "no record": render(report_of()).split(b"<record>")[0] + b"</feedback>",
+    "bad address": render(report_of()).replace(b"192.0.2.1<", b"192.0.2.999<"),
+    "bad count": render(report_of()).replace(b"<count>3<", b"<count>-3<"),
+    "huge count": render(report_of()).replace(b"<count>3<", b"<count>99999999999999999<"),
+    "bad domain": render(report_of()).replace(b"<header_from>example.org",
+                                              b"<header_from>exa mple.org"),
+    "control characters": render(report_of()).replace(b"mx.example.net<",
+                                                      b"mx.example.net&#x1b;[31m<"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_reports_are_refused_with_a_reason(name: str) -> None:
+    with pytest.raises(ReportError) as found:
+        parse(HOSTILE[name], max_records=100)
+    assert str(found.value)
+
+
+def test_too_many_records_are_refused() -> None:
+    xml = render(report_of())
+    with pytest.raises(ReportError, match="3 records, more than 2"):
+        parse(xml, max_records=2)
+
+
+def test_bounded_decompression() -> None:
+    xml = render(report_of())
+    assert gunzip(gzip.compress(xml), 10**6) == xml
+    assert xml_of(gzip.compress(xml), 10**6) == xml
+    bomb = gzip.compress(b"<" + b" " * 50_000_000)
+    assert len(bomb) < 100_000
+    with pytest.raises(Bomb):
+        gunzip(bomb, 1_000_000)
+    with pytest.raises(ReportError, match="truncated"):
+        gunzip(gzip.compress(xml)[:-20], 10**6)
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("report.xml", xml)
+    assert unzip(zipped.getvalue(), 10**6) == xml
+    zip_bomb = io.BytesIO()
+    with zipfile.ZipFile(zip_bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("bomb.xml", b" " * 50_000_000)
+    with pytest.raises(Bomb):
+        unzip(zip_bomb.getvalue(), 1_000_000)
+    # a header that lies about the size is no help: the read stops at the limit
+    lying = bytearray(zip_bomb.getvalue())
+    central = lying.rfind(b"PK\x01\x02")
+    lying[central + 24:central + 28] = (100).to_bytes(4, "little")  # uncompressed size
+    with pytest.raises(ReportError):
+        unzip(bytes(lying), 1_000_000)
+    with pytest.raises(ReportError, match="neither"):
+        xml_of(b"%PDF-1.4", 10**6)
+
+
+def test_attachments_of_report_mail() -> None:
+    xml = render(report_of())
+    raw = (b"From: noreply@google.com\r\nTo: dmarc@example.org\r\nSubject: Report\r\n"
+           b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+           b"Content-Type: text/plain\r\n\r\nhello\r\n--b\r\nContent-Type: application/gzip\r\n"
+           b"Content-Disposition: attachment; filename=\"g!example.org!1!2.xml.gz\"\r\n"
+           b"Content-Transfer-Encoding: base64\r\n\r\n")
+    import base64
+    raw += base64.encodebytes(gzip.compress(xml)).replace(b"\n", b"\r\n") + b"--b--\r\n"
+    assert attachments(raw, 10**6) == [("g!example.org!1!2.xml.gz", xml)]
+    with pytest.raises(ReportError, match="no report attached"):
+        attachments(b"From: a@b.example\r\n\r\nno report here\r\n", 10**6)
+
+
+def test_periods() -> None:
+    now = 1_800_000_000  # 2027-01-15 08:00 UTC
+    assert period("yesterday", now) == (1_799_884_800, 1_799_971_200)
+    assert period("today", now) == (1_799_971_200, 1_800_057_600)
+    assert period("2027-01-01", now) == (1_798_761_600, 1_798_848_000)
+    with pytest.raises(ValueError, match="--period"):
+        period("last week", now)
