@@ -11,6 +11,7 @@ DMARC) is kept apart.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import os
@@ -36,7 +37,8 @@ SCHEMA = etree.XMLSchema(etree.parse(str(
 
 ZONE = """
 owner.test.              TXT "v=spf1 ip4:127.0.0.1 -all"
-_dmarc.owner.test.       TXT "v=DMARC1; p=reject; rua=mailto:dmarc-rua@owner.test,mailto:r@collector.test,mailto:x@unverified.test"
+_dmarc.owner.test.       TXT ( "v=DMARC1; p=reject; rua=mailto:dmarc-rua@owner.test,"
+                               "mailto:r@collector.test,mailto:x@unverified.test" )
 owner.test._report._dmarc.collector.test. TXT "v=DMARC1"
 evil.test.               TXT "v=spf1 -all"
 broken.test.             TXT "v=spf1 ip4:127.0.0.1 -all"
@@ -167,7 +169,6 @@ def test_reports_from_live_verdicts_round_trip(lab: tuple[Lab, Harness],
            b"MIME-Version: 1.0\r\nContent-Type: application/gzip\r\nContent-Disposition: "
            b"attachment; filename=\"evil!owner.test!1!2.xml.gz\"\r\n"
            b"Content-Transfer-Encoding: base64\r\n\r\n")
-    import base64
     raw += base64.encodebytes(gzip.compress(
         gzip.decompress(forged).replace(b"mx.lab.test", b"evil.test"))).replace(b"\n", b"\r\n")
     assert h.send(raw, ("dmarc-rua@owner.test",), mail_from="noreply@nodmarc.test").code == 250

@@ -3,6 +3,7 @@ reports (entities, external references, bombs, floods of records) refused with t
 
 from __future__ import annotations
 
+import base64
 import gzip
 import io
 import zipfile
@@ -167,7 +168,6 @@ def test_attachments_of_report_mail() -> None:
            b"Content-Type: text/plain\r\n\r\nhello\r\n--b\r\nContent-Type: application/gzip\r\n"
            b"Content-Disposition: attachment; filename=\"g!example.org!1!2.xml.gz\"\r\n"
            b"Content-Transfer-Encoding: base64\r\n\r\n")
-    import base64
     raw += base64.encodebytes(gzip.compress(xml)).replace(b"\n", b"\r\n") + b"--b--\r\n"
     assert attachments(raw, 10**6) == [("g!example.org!1!2.xml.gz", xml)]
     with pytest.raises(ReportError, match="no report attached"):
