@@ -161,6 +161,11 @@ def test_reports_from_live_verdicts_round_trip(lab: tuple[Lab, Harness],
     assert (source["source_ip"], source["messages"], source["dmarc_rate"],
             source["dispositions"]) == ("127.0.0.1", 5, 60.0, {"pass": 3, "reject": 2})
     assert h.metric("mailward_reports_ingested_total", outcome="accepted") == 1
+    # what the timer's run did, read from the store when Prometheus scrapes
+    assert h.metric("mailward_reports_generated") == 1
+    assert h.metric("mailward_reports_sent", status="sent") == 2
+    assert h.metric("mailward_reports_sent", status="skipped") == 1
+    assert h.metric("mailward_reports_sent", status="failed") == 0
 
     # a forged report: its mail does not pass DMARC (nodmarc.test has no policy), so it is
     # stored apart and shown only on request

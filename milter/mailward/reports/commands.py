@@ -77,16 +77,19 @@ def run_build(cfg: Config, *, period: str, out: str, send: bool,
             (Path(out) / b.filename).write_bytes(b.gz)
         if not send:
             continue
+        before = {(s.destination, s.status)
+                  for s in store.sent(b.report.policy_domain, begin, end - 1)}
+        done = {dest for dest, status in before if status == "sent"}
         if b.problem:
-            _record(store, b, "-", "skipped", b.problem)
+            if ("-", "skipped") not in before:  # a rerun records it once
+                _record(store, b, "-", "skipped", b.problem)
             continue
-        done = {s.destination for s in store.sent(b.report.policy_domain, begin, end - 1)
-                if s.status == "sent"}
         for d in b.destinations:
             if d.problem:
                 log.warning("report %s: %s skipped: %s", b.filename, d.uri, d.problem)
                 out_stream.write(f"  {d.uri}: skipped: {d.problem}\n")
-                _record(store, b, d.uri, "skipped", d.problem)
+                if (d.uri, "skipped") not in before:
+                    _record(store, b, d.uri, "skipped", d.problem)
                 continue
             if d.address in done:
                 out_stream.write(f"  {d.address}: already sent\n")

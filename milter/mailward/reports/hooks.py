@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+
+from prometheus_client.core import GaugeMetricFamily
 
 from mailward.core.outcomes import DmarcOutcome
 from mailward.core.reporting import message_record
@@ -19,7 +22,9 @@ from mailward.core.transaction import Transaction
 from mailward.core.verdict import Result, Verdict
 from mailward.reports.ingest import Inbox, Limits
 from mailward.services.metrics import Metrics
-from mailward.services.reportstore import QueuedWriter, open_store
+from mailward.services.reportstore import QueuedWriter, SqlStore, StoreError, open_store
+
+SENT_STATUSES = ("sent", "failed", "skipped")
 
 log = logging.getLogger("mailward.reports")
 
@@ -39,6 +44,8 @@ class Reporting:
         self.inbox = Inbox(store, Limits(settings.max_ingest_size, settings.max_report_records),
                            count=lambda outcome: metrics.reports_ingested.labels(
                                outcome=outcome).inc()) if self.addresses else None
+        self._collector = SentCollector(store)
+        metrics.registry.register(self._collector)
 
     @classmethod
     def start(cls, settings: ReportsSettings, metrics: Metrics) -> Reporting | None:
@@ -74,7 +81,39 @@ class Reporting:
         return self.settings.max_ingest_size
 
     def close(self) -> None:
+        self._metrics.registry.unregister(self._collector)
         self.writer.close()
         if self.inbox is not None:
             self.inbox.close()
         self.store.close()
+
+
+class SentCollector:
+    """`mailward reports build --send` runs from a timer, not in this process: what it did is
+    read from the store when Prometheus scrapes (within [reports] retention)."""
+
+    def __init__(self, store: SqlStore) -> None:
+        self.store = store
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return []  # collected on demand only: no database query at registration
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            built, by_status = self.store.sent_counts()
+        except StoreError as exc:
+            log.error("report store: %s", exc)
+            return
+        generated = GaugeMetricFamily(
+            "mailward_reports_generated", "Aggregate reports built for sending (a Policy "
+            "Domain and a period each), within [reports] retention.")
+        generated.add_metric([], built)
+        yield generated
+        sent = GaugeMetricFamily(
+            "mailward_reports_sent", "Deliveries of our aggregate reports by status: sent, "
+            "failed (the relay refused or was unreachable), skipped (a destination not "
+            "verified or not mailto:, or a report too large), within [reports] retention.",
+            labels=["status"])
+        for status in SENT_STATUSES:
+            sent.add_metric([status], by_status.get(status, 0))
+        yield sent

@@ -279,6 +279,13 @@ class SqlStore:
         return [SentReport(int(r[0]), r[1], int(r[2]), int(r[3]), r[4], r[5], r[6], r[7])
                 for r in rows]
 
+    def sent_counts(self) -> tuple[int, dict[str, int]]:
+        """Reports built (distinct domain and period) and deliveries by status, kept now."""
+        built = self._run("SELECT COUNT(*) FROM (SELECT DISTINCT policy_domain, begin_time "
+                          "FROM sent_reports) AS built")
+        by_status = self._run("SELECT status, COUNT(*) FROM sent_reports GROUP BY status")
+        return int(built[0][0]), {str(k): int(n) for k, n in by_status}
+
     # -- retention ------------------------------------------------------------------------
 
     def prune(self, before: int) -> int:
