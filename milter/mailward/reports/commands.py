@@ -48,25 +48,28 @@ def since(spec: str, now: float | None = None) -> int:
     return buildmod.period(spec, now)[0]
 
 
+def _sender_key(cfg: Config) -> tuple[str, SigningKey]:
+    sender = cfg.reports.sender
+    if not sender:
+        raise MailwardError("[reports] sender: needed to send reports (an address of a "
+                            "domain with a [check.dkim_sign] key)")
+    key = signing_key(cfg, sender.rpartition("@")[2])
+    if key is None:
+        raise MailwardError(f"no [check.dkim_sign] key for {sender.rpartition('@')[2]}: "
+                            "report mail must pass DMARC (RFC 9990 §2.5.1)")
+    return sender, key
+
+
 def run_build(cfg: Config, *, period: str, out: str, send: bool,
               out_stream: TextIO = sys.stdout) -> int:
     r = cfg.reports
     org = r.org_name or cfg.milter.authserv_id
-    sender = r.sender
-    key = None
-    if send:
-        if not sender:
-            raise MailwardError("[reports] sender: needed to send reports (an address of a "
-                                "domain with a [check.dkim_sign] key)")
-        key = signing_key(cfg, sender.rpartition("@")[2])
-        if key is None:
-            raise MailwardError(f"no [check.dkim_sign] key for {sender.rpartition('@')[2]}: "
-                                "report mail must pass DMARC (RFC 9990 §2.5.1)")
-    contact = r.contact or sender or f"postmaster@{org}"
+    sender, key = _sender_key(cfg) if send else (r.sender, None)
     begin, end = buildmod.period(period)
     store = store_of(cfg)
-    built = buildmod.build(store, org_name=org, email=contact, begin=begin, end=end,
-                           resolver=Resolver(cfg.dns), max_size=r.max_report_size)
+    built = buildmod.build(store, org_name=org, email=r.contact or sender or f"postmaster@{org}",
+                           begin=begin, end=end, resolver=Resolver(cfg.dns),
+                           max_size=r.max_report_size)
     failed = 0
     for b in built:
         out_stream.write(f"{b.filename}: {b.report.messages} message(s), "
@@ -75,27 +78,37 @@ def run_build(cfg: Config, *, period: str, out: str, send: bool,
         if out:
             Path(out).mkdir(parents=True, exist_ok=True)
             (Path(out) / b.filename).write_bytes(b.gz)
-        if not send:
-            continue
-        before = {(s.destination, s.status)
-                  for s in store.sent(b.report.policy_domain, begin, end - 1)}
-        done = {dest for dest, status in before if status == "sent"}
-        if b.problem:
-            if ("-", "skipped") not in before:  # a rerun records it once
-                _record(store, b, "-", "skipped", b.problem)
-            continue
-        for d in b.destinations:
-            if d.problem:
-                log.warning("report %s: %s skipped: %s", b.filename, d.uri, d.problem)
-                out_stream.write(f"  {d.uri}: skipped: {d.problem}\n")
-                if (d.uri, "skipped") not in before:
-                    _record(store, b, d.uri, "skipped", d.problem)
-                continue
-            if d.address in done:
-                out_stream.write(f"  {d.address}: already sent\n")
-                continue
+        if send:
+            failed += _send(cfg, store, b, sender=sender, key=key, out_stream=out_stream)
+    if not built:
+        out_stream.write("no DMARC outcomes recorded in this period\n")
+    store.prune(int(time.time()) - r.retention * 86400)
+    store.close()
+    return 1 if failed else 0
+
+
+def _send(cfg: Config, store: SqlStore, b: buildmod.Built, *, sender: str,
+          key: SigningKey | None, out_stream: TextIO) -> int:
+    """Mail one report to each of its destinations; how many deliveries failed. A rerun
+    sends only what was not sent, and records a skip once."""
+    before = {(s.destination, s.status)
+              for s in store.sent(b.report.policy_domain, b.report.begin, b.report.end)}
+    if b.problem:
+        if ("-", "skipped") not in before:
+            _record(store, b, "-", "skipped", b.problem)
+        return 0
+    failed = 0
+    for d in b.destinations:
+        if d.problem:
+            log.warning("report %s: %s skipped: %s", b.filename, d.uri, d.problem)
+            out_stream.write(f"  {d.uri}: skipped: {d.problem}\n")
+            if (d.uri, "skipped") not in before:
+                _record(store, b, d.uri, "skipped", d.problem)
+        elif (d.address, "sent") in before:
+            out_stream.write(f"  {d.address}: already sent\n")
+        else:
             try:
-                detail = deliver(r, sender, d.address,
+                detail = deliver(cfg.reports, sender, d.address,
                                  message(b, sender=sender, to=d.address, key=key))
             except SendError as exc:
                 failed += 1
@@ -105,11 +118,7 @@ def run_build(cfg: Config, *, period: str, out: str, send: bool,
                 continue
             out_stream.write(f"  {d.address}: sent ({detail})\n")
             _record(store, b, d.address, "sent", detail)
-    if not built:
-        out_stream.write("no DMARC outcomes recorded in this period\n")
-    store.prune(int(time.time()) - r.retention * 86400)
-    store.close()
-    return 1 if failed else 0
+    return failed
 
 
 def _record(store: SqlStore, b: buildmod.Built, destination: str, status: str,
