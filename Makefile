@@ -5,11 +5,12 @@ VENV ?= .venv
 DEB_BUILD = python3 python3-venv python3-dev gcc libc6-dev libmilter-dev
 # The lab (demo, integration tests) runs a private Postfix with a certificate from openssl.
 DEB_LAB = postfix openssl
-# Only the tests: a private redis-server on loopback (rate limits shared by a fleet),
+# Only the tests: a private redis-server and a private PostgreSQL cluster on loopback (rate
+# limits and the report store shared by a fleet), chromium (the report page in a real browser),
 # systemd-analyze to check the unit file, promtool (in prometheus) to check the alerts, and
 # what the private Sendmail needs (lab/sendmail.py fetches Sendmail itself, unpacked, as
 # sendmail-bin conflicts with postfix).
-DEB_TEST = redis-server systemd prometheus m4 libwrap0
+DEB_TEST = redis-server systemd prometheus m4 libwrap0 postgresql chromium
 
 .PHONY: demo test lint deps test-deps venv clean fuzz bench-memory soak bench docs deb test-deb
 
@@ -47,7 +48,8 @@ test: test-deps
 
 # The whole suite once more, on Debian's own python3 against what the .deb installs (apt-get
 # install on this machine), plus tests/deb on the installation itself.
-DEB_PYTEST = python3-pytest python3-hypothesis python3-yaml python3-redis
+DEB_PYTEST = python3-pytest python3-hypothesis python3-yaml python3-redis python3-psycopg \
+	python3-lxml
 test-deb: deb
 	sh packaging/debian-deps.sh $(DEB_PYTEST)
 	PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \

@@ -8,6 +8,7 @@ are pinned with @example.
 from __future__ import annotations
 
 import configparser
+import gzip
 import json
 import re
 from typing import Any
@@ -29,6 +30,9 @@ from mailward.core.nets import PRIVATE_NETWORKS, in_networks, parse_ip
 from mailward.core.transaction import Header, index_headers
 from mailward.core.verdict import AuthResEntry, Result
 from mailward.errors import ConfigError
+from mailward.reports.aggregate import ReportError
+from mailward.reports.aggregate import parse as parse_report
+from mailward.reports.unpack import attachments, xml_of
 from mailward.services.dns import Budget
 from mailward.services.metrics import STS_FETCHES
 from mailward.sts import netstring
@@ -415,3 +419,56 @@ def test_any_cache_entry_reads_back_or_is_a_cache_error(raw: bytes | str) -> Non
     except CacheError:
         return
     assert Entry.from_json(entry.to_json()) == entry
+
+
+# -- DMARC aggregate reports (issue 11): XML, decompression, report mail -------------------------
+
+REPORT_XML = st.one_of(
+    st.binary(max_size=400),
+    st.builds(lambda parts: ("<feedback>" + "".join(parts) + "</feedback>").encode(),
+              st.lists(st.sampled_from([
+                  "<report_metadata><org_name>o</org_name><report_id>1</report_id>"
+                  "<date_range><begin>1</begin><end>2</end></date_range></report_metadata>",
+                  "<policy_published><domain>example.org</domain><p>reject</p>"
+                  "</policy_published>",
+                  "<record><row><source_ip>192.0.2.1</source_ip><count>1</count>"
+                  "<policy_evaluated><disposition>none</disposition><dkim>pass</dkim>"
+                  "<spf>fail</spf></policy_evaluated></row><identifiers><header_from>"
+                  "example.org</header_from></identifiers><auth_results/></record>",
+                  "<record><row><source_ip>x</source_ip></row></record>",
+                  "<!DOCTYPE x [<!ENTITY e 'a'>]>", "&amp;", "<count>-1</count>", "\x00"]),
+                  max_size=6)))
+
+
+@given(REPORT_XML)
+def test_any_report_xml_is_read_or_refused_with_a_reason(data: bytes) -> None:
+    try:
+        found = parse_report(data, max_records=5)
+    except ReportError as exc:
+        assert str(exc)
+        return
+    assert found.rows and len(found.rows) <= 5
+    assert all(r.count >= 0 and r.disposition in ("none", "pass", "quarantine", "reject")
+               for r in found.rows)
+
+
+@given(st.one_of(st.binary(max_size=300),
+                 st.binary(max_size=300).map(gzip.compress),
+                 st.binary(max_size=300).map(lambda b: gzip.compress(b)[:-3])))
+def test_any_report_file_unpacks_within_its_limit_or_is_refused(data: bytes) -> None:
+    try:
+        found = xml_of(data, 200)
+    except ReportError:
+        return
+    assert len(found) <= 200
+
+
+@given(st.binary(max_size=600), st.sampled_from([b"application/gzip", b"text/xml",
+                                                   b"application/zip", b"multipart/mixed"]))
+def test_any_report_mail_gives_attachments_or_a_reason(body: bytes, ctype: bytes) -> None:
+    raw = b"From: a@b.example\r\nContent-Type: " + ctype + b"\r\n\r\n" + body
+    try:
+        found = attachments(raw, 1000)
+    except ReportError:
+        return
+    assert all(len(xml) <= 1000 for _, xml in found)

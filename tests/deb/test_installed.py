@@ -49,6 +49,8 @@ def test_files_in_place() -> None:
                            check=True).stdout.split()
     for path in ("/usr/bin/mailward", "/lib/systemd/system/mailward.service",
                  "/lib/systemd/system/mailward-sts.service",
+                 "/lib/systemd/system/mailward-reports.service",
+                 "/lib/systemd/system/mailward-reports.timer",
                  "/usr/lib/tmpfiles.d/mailward.conf", "/usr/lib/sysusers.d/mailward.conf",
                  "/etc/mailward/mailward.ini", "/usr/share/doc/mailward/README.Debian",
                  "/usr/share/mailward/grafana/mailward.json",
@@ -66,7 +68,8 @@ def test_files_in_place() -> None:
     assert subprocess.run(["id", "mailward"], capture_output=True, check=False).returncode == 0
 
 
-@pytest.mark.parametrize("name", ["mailward.service", "mailward-sts.service"])
+@pytest.mark.parametrize("name", ["mailward.service", "mailward-sts.service",
+                                  "mailward-reports.service"])
 def test_installed_unit_verifies_and_is_hardened(name: str) -> None:
     installed()
     need(shutil.which("systemd-analyze") is not None, "systemd-analyze is missing")

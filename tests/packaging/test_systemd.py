@@ -16,7 +16,8 @@ UNIT = Path(__file__).resolve().parents[2] / "packaging" / "systemd" / "mailward
 TMPFILES = UNIT.with_suffix(".tmpfiles")
 
 
-@pytest.mark.parametrize("name", ["mailward.service", "mailward-sts.service"])
+@pytest.mark.parametrize("name", ["mailward.service", "mailward-sts.service",
+                                  "mailward-reports.service"])
 def test_unit_verifies_and_is_hardened(tmp_path: Path, name: str) -> None:
     need(shutil.which("systemd-analyze") is not None,
          "systemd-analyze is missing: apt-get install systemd")
@@ -34,6 +35,13 @@ def test_unit_verifies_and_is_hardened(tmp_path: Path, name: str) -> None:
                                security).group(1))  # type: ignore[union-attr]
     assert exposure <= 1.4, security
     text = source.read_text()
+    if name == "mailward-reports.service":
+        for line in ("Type=oneshot\n", "User=mailward", "reports build --period yesterday "
+                     "--send", "StateDirectory=mailward"):
+            assert line in text
+        timer = source.with_suffix(".timer").read_text()
+        assert "OnCalendar=*-*-* 00:15:00 UTC" in timer and "Persistent=true" in timer
+        return
     if name == "mailward-sts.service":
         for line in ("Type=notify\n", "User=mailward", "sts run", "StateDirectory=mailward",
                      "smtp_tls_policy_maps = socketmap:inet:127.0.0.1:8461:postfix"):
