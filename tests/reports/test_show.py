@@ -110,3 +110,11 @@ def test_the_page_renders_in_a_real_browser(config: Path, tmp_path: Path) -> Non
         (True, "198.51.100.20"), (True, "203.0.113.66"), (True, "203.0.113.66"),
         (False, "192.0.2.10")]
     assert "203.0.113.99" not in dom  # the forged report is not on the page
+
+
+def test_bad_periods_get_a_clear_answer(config: Path) -> None:
+    done = mailward(config, "show", "--since", "last tuesday")
+    assert (done.returncode, done.stderr) == (
+        1, "mailward: --since 'last tuesday': expected 7d, 24h, 30m or YYYY-MM-DD\n")
+    done = mailward(config, "build", "--period", "soon")
+    assert done.returncode == 1 and "--period 'soon'" in done.stderr

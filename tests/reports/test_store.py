@@ -13,6 +13,7 @@ import pytest
 from mailward.services.reportstore import (
     IngestedReport,
     MessageRecord,
+    PostgresStore,
     QueuedWriter,
     ReportRow,
     SentReport,
@@ -137,3 +138,12 @@ def test_unusable_stores_say_why(tmp_path: Path) -> None:
         SqliteStore(str(bad))
     with pytest.raises(StoreError, match="postgresql"):
         open_store("postgresql", postgresql_url="postgresql://nobody@127.0.0.1:1/none")
+
+
+def test_postgresql_comes_back_after_a_restart_of_the_connection(postgresql_url: str) -> None:
+    store = open_store("postgresql", postgresql_url=postgresql_url)
+    assert isinstance(store, PostgresStore)
+    store._db.close()  # as a server restart leaves it
+    store.add_messages([message(7)])
+    assert message(7) in store.messages(0, 2**40)
+    store.close()

@@ -45,7 +45,11 @@ def since(spec: str, now: float | None = None) -> int:
     units = {"d": 86400, "h": 3600, "m": 60}
     if spec[:-1].isdigit() and spec[-1:] in units:
         return int(now) - int(spec[:-1]) * units[spec[-1]]
-    return buildmod.period(spec, now)[0]
+    try:
+        return buildmod.period(spec, now)[0]
+    except ValueError:
+        raise MailwardError(f"--since {spec!r}: expected 7d, 24h, 30m or YYYY-MM-DD"
+                            ) from None
 
 
 def _sender_key(cfg: Config) -> tuple[str, SigningKey]:
@@ -65,7 +69,10 @@ def run_build(cfg: Config, *, period: str, out: str, send: bool,
     r = cfg.reports
     org = r.org_name or cfg.milter.authserv_id
     sender, key = _sender_key(cfg) if send else (r.sender, None)
-    begin, end = buildmod.period(period)
+    try:
+        begin, end = buildmod.period(period)
+    except ValueError as exc:
+        raise MailwardError(str(exc)) from None
     store = store_of(cfg)
     built = buildmod.build(store, org_name=org, email=r.contact or sender or f"postmaster@{org}",
                            begin=begin, end=end, resolver=Resolver(cfg.dns),

@@ -353,14 +353,20 @@ class PostgresStore(SqlStore):
             raise StoreError("postgresql_url is set but psycopg 3 is not installed "
                              "(Debian: python3-psycopg; pip: mailward[postgresql])") from None
         self.errors = (psycopg.Error,)
+        def connect() -> Any:
+            return psycopg.connect(url, autocommit=False, connect_timeout=10)
+
+        self._connect = connect
         try:
-            self._db = psycopg.connect(url, autocommit=False, connect_timeout=10)
+            self._db = self._connect()
         except psycopg.Error as exc:
             raise StoreError(f"postgresql: {type(exc).__name__}: {exc}") from None
         self.create()
 
     @contextmanager
     def _cursor(self) -> Iterator[Any]:
+        if self._db.closed or self._db.broken:  # the server restarted: connect again
+            self._db = self._connect()
         try:
             with self._db.cursor() as cur:
                 yield cur
