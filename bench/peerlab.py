@@ -26,7 +26,7 @@ import dkim as dkimpy
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "milter"))
 
 from mailward.lab.dns import Nameserver
-from mailward.lab.postfix import LAB_CONFIG, MailwardProcess, free_port, wait_for_port
+from mailward.lab.postfix import LAB_CONFIG, MailwardProcess, free_port, merge_ini, wait_for_port
 from mailward.services import keys
 
 DOMAIN = "example.org"
@@ -357,6 +357,7 @@ class Mailward(Milters):
     name: str = "mailward"
     title: str = "mailward (full default chain)"
     process: MailwardProcess | None = None
+    config: str = LAB_CONFIG  # the report store on (SQLite in the work directory), as shipped
 
     @property
     def smtpd_milters(self) -> str:
@@ -364,7 +365,7 @@ class Mailward(Milters):
 
     def start(self, dns_port: int) -> None:
         super().start(dns_port)
-        self.process = MailwardProcess(LAB_CONFIG, self.root, port=0, dns_port=dns_port)
+        self.process = MailwardProcess(self.config, self.root, port=0, dns_port=dns_port)
         self.process.start()
         assert self.process.proc is not None
         self.procs["mailward"] = self.process.proc
@@ -379,6 +380,15 @@ class Mailward(Milters):
             return f"no Authentication-Results: {AUTHSERV_ID};"
         missing = [m for m in ("spf", "dkim", "dmarc") if not any(has(v, m) for v in ours)]
         return " ".join(f"no {m}=pass" for m in missing)
+
+
+@dataclass
+class MailwardNoReports(Mailward):
+    """The same, with `[reports] store = off`: what recording DMARC outcomes costs."""
+
+    name: str = "mw-norep"
+    title: str = "mailward, reports off"
+    config: str = merge_ini(LAB_CONFIG, "[reports]\nstore = off\n")
 
 
 @dataclass

@@ -44,6 +44,7 @@ from peerlab import (
     CChain,
     Maillog,
     Mailward,
+    MailwardNoReports,
     Milters,
     NullMilter,
     SmtpSink,
@@ -389,8 +390,9 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-KINDS: dict[str, type[Milters]] = {"none": Milters, "mailward": Mailward, "c-chain": CChain,
-                                   "null": NullMilter}
+KINDS: dict[str, type[Milters]] = {"none": Milters, "mailward": Mailward,
+                                   "mw-norep": MailwardNoReports,
+                                   "c-chain": CChain, "null": NullMilter}
 
 
 def start_setups(stack: contextlib.ExitStack, work: Path, variants: list[str],
