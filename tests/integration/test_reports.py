@@ -66,7 +66,7 @@ keys = reporter.test rep {key.path}
 [reports]
 org_name = mx.lab.test
 sender = dmarc-reports@reporter.test
-relay_tls = no
+relay_tls = may
 ingest_addresses = dmarc-rua@owner.test
 """)
     try:
@@ -143,6 +143,7 @@ def test_reports_from_live_verdicts_round_trip(lab: tuple[Lab, Harness],
                                           "mx.lab.test", "Report-ID:",
                                           f"<{files[0].name.split('!')[2]}.owner.test@mx.lab.test>"]
     assert "dkim=pass" in headers["authentication-results"]
+    assert "smtp.version=TLSv1.3" in headers["authentication-results"]  # STARTTLS to the relay
     assert "dmarc=pass" in headers["authentication-results"]
 
     # ... and, as owner.test's MX, mailward read it as it passed: the same counts come back

@@ -12,7 +12,7 @@ import pytest
 from mailward.core.config import Config
 from mailward.errors import MailwardError
 from mailward.lab.dns import Nameserver
-from mailward.lab.postfix import free_port
+from mailward.lab.postfix import CaptureSink, free_port
 from mailward.reports.build import destinations
 from mailward.reports.commands import run_build
 from mailward.services import keys
@@ -48,7 +48,7 @@ def config(tmp_path: Path, nameserver: Nameserver, extra: str = "",
     return loads(f"[milter]\nauthserv_id = mx.example.net\n[dns]\nnameservers = "
                  f"127.0.0.1:{nameserver.port}\n[check.dkim_sign]\nkeys = reports.example s "
                  f"{key.path}\n[reports]\nsqlite_path = {tmp_path / 'r.sqlite'}\n"
-                 f"sender = {sender}\nrelay_tls = no\n{extra}")
+                 f"sender = {sender}\n{extra}")
 
 
 def fill(tmp_path: Path, n: int = 3) -> None:
@@ -92,3 +92,23 @@ def test_report_mail_that_would_fail_dmarc_is_not_sent(tmp_path: Path,
     cfg = config(tmp_path, nameserver, sender="")
     with pytest.raises(MailwardError, match="sender: needed to send"):
         run_build(cfg, period="today", out="", send=True, out_stream=io.StringIO())
+
+
+def test_a_relay_without_starttls_gets_nothing_when_tls_is_required(
+        tmp_path: Path, nameserver: Nameserver) -> None:
+    fill(tmp_path)
+    sink = CaptureSink()
+    try:
+        cfg = config(tmp_path, nameserver, f"relay = 127.0.0.1:{sink.port}\n"
+                     "relay_tls = require\n")
+        out = io.StringIO()
+        assert run_build(cfg, period="today", out="", send=True, out_stream=out) == 1
+        assert "offers no STARTTLS (relay_tls = require)" in out.getvalue()
+        assert sink.messages == []
+        # with may, it goes in clear text to a relay that offers nothing better
+        cfg = config(tmp_path, nameserver, f"relay = 127.0.0.1:{sink.port}\n")
+        assert run_build(cfg, period="today", out="", send=True, out_stream=out) == 0
+        [mail] = sink.messages
+        assert mail.rcpts == ["d@example.org"] and b"DKIM-Signature:" in mail.data
+    finally:
+        sink.close()

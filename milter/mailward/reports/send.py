@@ -57,6 +57,17 @@ def message(built: Built, *, sender: str, to: str, key: SigningKey | None) -> by
     return bytes(signature) + raw
 
 
+def _context(mode: RelayTls) -> ssl.SSLContext:
+    """`require`: the relay's certificate must be valid for its name (the system's CAs);
+    `may`: encrypted when offered, certificate unchecked, as opportunistic SMTP TLS is (a
+    local relay often has a self-signed one)."""
+    context = ssl.create_default_context()
+    if mode is RelayTls.MAY:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def deliver(settings: ReportsSettings, sender: str, to: str, raw: bytes) -> str:
     """Hand one message to the relay; the relay's reply, or SendError."""
     host, port = settings.relay
@@ -65,7 +76,7 @@ def deliver(settings: ReportsSettings, sender: str, to: str, raw: bytes) -> str:
             smtp.ehlo()
             if settings.relay_tls is not RelayTls.NO:
                 if smtp.has_extn("starttls"):
-                    smtp.starttls(context=ssl.create_default_context())
+                    smtp.starttls(context=_context(settings.relay_tls))
                     smtp.ehlo()
                 elif settings.relay_tls is RelayTls.REQUIRE:
                     raise SendError(f"relay {host}:{port} offers no STARTTLS (relay_tls = "
