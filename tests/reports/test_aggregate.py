@@ -75,6 +75,18 @@ def test_rendered_reports_are_valid_against_the_schema_and_read_back() -> None:
                                  "testing": "n", "discovery_method": "treewalk"}
 
 
+def test_control_characters_from_a_message_never_break_the_xml() -> None:
+    report = report_of()
+    row = report.rows[0]
+    odd = row.__class__(row.source_ip, row.count, row.disposition, row.dkim_aligned,
+                        row.spf_aligned, row.header_from, row.envelope_from,
+                        (("example.org", "s1\x01\x1b[31m", "pass"),))
+    xml = render(Report(report.org_name, report.email, report.report_id, report.begin,
+                        report.end, report.policy_domain, report.policy, (odd,)))
+    SCHEMA.assertValid(etree.fromstring(xml))
+    assert parse(xml, max_records=5).rows[0].dkim == (("example.org", "s1??[31m", "pass"),)
+
+
 def test_the_schema_check_can_fail() -> None:
     broken = render(report_of()).replace(b"<disposition>pass", b"<disposition>maybe")
     assert not SCHEMA.validate(etree.fromstring(broken))
@@ -170,6 +182,11 @@ def test_attachments_of_report_mail() -> None:
            b"Content-Transfer-Encoding: base64\r\n\r\n")
     raw += base64.encodebytes(gzip.compress(xml)).replace(b"\n", b"\r\n") + b"--b--\r\n"
     assert attachments(raw, 10**6) == [("g!example.org!1!2.xml.gz", xml)]
+    # many attachments together are bounded as one
+    many = raw.replace(b"--b--\r\n", b"") + b"\r\n".join(
+        [b"--b\r\nContent-Type: text/xml\r\n\r\n" + xml] * 5) + b"\r\n--b--\r\n"
+    with pytest.raises(Bomb):
+        attachments(many, len(xml) * 3)
     with pytest.raises(ReportError, match="no report attached"):
         attachments(b"From: a@b.example\r\n\r\nno report here\r\n", 10**6)
 

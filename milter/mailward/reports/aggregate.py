@@ -78,10 +78,15 @@ def aggregate(messages: Iterable[MessageRecord]) -> dict[str, tuple[tuple[tuple[
     return out
 
 
+_CONTROL = dict.fromkeys(range(32), "?")
+
+
 def _sub(parent: ET.Element, tag: str, text: str | int | None = None) -> ET.Element:
     el = ET.SubElement(parent, f"{{{NS}}}{tag}")
     if text is not None:
-        el.text = str(text)
+        # what a message carried (a DKIM selector, say) may hold control characters, which
+        # XML 1.0 cannot: they would make the whole report unreadable
+        el.text = str(text).translate(_CONTROL)
     return el
 
 

@@ -82,6 +82,7 @@ def attachments(raw: bytes, limit: int) -> list[tuple[str, bytes]]:
     """(filename, XML) of each report attached to a message."""
     message: Message = email.message_from_bytes(raw, policy=email.policy.compat32)
     found: list[tuple[str, bytes]] = []
+    total = 0
     for number, part in enumerate(message.walk()):
         if number >= MAX_PARTS:
             break
@@ -94,7 +95,9 @@ def attachments(raw: bytes, limit: int) -> list[tuple[str, bytes]]:
         payload = part.get_payload(decode=True)
         if not isinstance(payload, bytes) or not payload:
             continue
-        found.append((name[:200], xml_of(payload, limit)))
+        xml = xml_of(payload, limit - total)
+        total += len(xml)  # all attachments together stay within the limit
+        found.append((name[:200], xml))
     if not found:
         raise ReportError("no report attached")
     return found
