@@ -112,3 +112,27 @@ def test_a_relay_without_starttls_gets_nothing_when_tls_is_required(
         assert mail.rcpts == ["d@example.org"] and b"DKIM-Signature:" in mail.data
     finally:
         sink.close()
+
+
+def test_a_relay_that_wants_auth(tmp_path: Path, nameserver: Nameserver) -> None:
+    sink = CaptureSink(auth=("reports", "s3cret"))
+    try:
+        outs = []
+        for password in ("wrong", "s3cret"):
+            where = tmp_path / password
+            where.mkdir()
+            fill(where)
+            secret = where / "relay.password"
+            secret.write_text(password + "\n")
+            cfg = config(where, nameserver, f"relay = 127.0.0.1:{sink.port}\n"
+                         f"relay_user = reports\nrelay_password_file = {secret}\n")
+            out = io.StringIO()
+            outs.append((run_build(cfg, period="today", out="", send=True, out_stream=out),
+                         out.getvalue()))
+        (wrong, said), (right, _) = outs
+        assert wrong == 1 and "535 5.7.8 Authentication credentials invalid" in said
+        assert "wrong" not in said.replace("wrong/", "")  # the password is never shown
+        assert right == 0
+        assert [m.rcpts for m in sink.messages] == [["d@example.org"]]
+    finally:
+        sink.close()

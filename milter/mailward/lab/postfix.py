@@ -9,6 +9,7 @@ one, without a milter, that plays a sending MTA which retries what is refused wi
 
 from __future__ import annotations
 
+import base64
 import configparser
 import contextlib
 import json
@@ -123,14 +124,24 @@ class _SinkHandler(socketserver.StreamRequestHandler):
         self.wfile.write(line.encode() + b"\r\n")
         self.wfile.flush()
 
-    def handle(self) -> None:
+    def handle(self) -> None:  # noqa: PLR0912 - one flat switch over SMTP verbs reads best
         self.reply(f"220 {SINK_NAME} ESMTP capture sink")
         mail_from, rcpts = "", list[str]()
+        authenticated = False
         while line := self.rfile.readline(65536):
             verb = line[:4].upper()
             arg = line[5:].strip().decode("utf-8", "replace")
             if verb == b"EHLO":
-                self.reply(f"250-{SINK_NAME}\r\n250-8BITMIME\r\n250 SMTPUTF8")
+                auth = "\r\n250-AUTH PLAIN" if self.server.auth else ""
+                self.reply(f"250-{SINK_NAME}{auth}\r\n250-8BITMIME\r\n250 SMTPUTF8")
+            elif verb == b"AUTH" and self.server.auth:
+                given = base64.b64decode(arg.partition(" ")[2] or "=", validate=False)
+                ok = given.split(b"\0")[1:] == [a.encode() for a in self.server.auth]
+                authenticated = ok
+                self.reply("235 2.7.0 Authentication successful" if ok
+                           else "535 5.7.8 Authentication credentials invalid")
+            elif verb == b"MAIL" and self.server.auth and not authenticated:
+                self.reply("530 5.7.0 Authentication required")
             elif verb == b"HELO":
                 self.reply(f"250 {SINK_NAME}")
             elif verb == b"MAIL":
@@ -167,9 +178,12 @@ class CaptureSink(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, *, keep_body: bool = True) -> None:
+    def __init__(self, *, keep_body: bool = True,
+                 auth: tuple[str, str] | None = None) -> None:
+        """`auth`: (user, password) that AUTH PLAIN must give before MAIL."""
         super().__init__(("127.0.0.1", 0), _SinkHandler)
         self.keep_body = keep_body
+        self.auth = auth
         self.messages: list[Captured] = []
         self._cond = threading.Condition()
         self.port = int(self.server_address[1])
