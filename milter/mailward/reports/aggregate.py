@@ -10,6 +10,7 @@ address, domain and string is bounded; anything else is a `ReportError` with the
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import re
 import xml.etree.ElementTree as ET  # building only: parsing uses defusedxml
@@ -193,18 +194,11 @@ def _word(text: str, allowed: tuple[str, ...], what: str) -> str:
 
 
 def parse(data: bytes, *, max_records: int) -> IngestedReport:
-    """A report's XML as a (not yet stored) IngestedReport; ReportError when malformed."""
-    try:
-        root = SafeET.fromstring(data, forbid_dtd=True, forbid_entities=True,
-                                 forbid_external=True)
-    except DefusedXmlException as exc:
-        raise ReportError(f"refused XML: {type(exc).__name__}") from None
-    except (ET.ParseError, ValueError) as exc:
-        raise ReportError(f"not well-formed XML: {exc}") from None
-    if _local(root.tag) != "feedback":
-        raise ReportError(f"root element <{_local(root.tag)}>, not <feedback>")
-    meta = _child(root, "report_metadata")
-    published = _child(root, "policy_published")
+    """A report's XML as a (not yet stored) IngestedReport; ReportError when malformed.
+
+    The XML is read as a stream and each record dropped once converted, so memory follows
+    the number of records (bounded by `max_records`), not the size of the document."""
+    meta, published, rows = _stream(data, max_records)
     if meta is None or published is None:
         raise ReportError("<report_metadata> or <policy_published> missing")
     dates = _child(meta, "date_range")
@@ -216,19 +210,52 @@ def parse(data: bytes, *, max_records: int) -> IngestedReport:
         value = _text(published, tag)
         if value:
             policy.append((tag, value.lower()[:20]))
-    records = _children(root, "record")
-    if not records:
+    if not rows:
         raise ReportError("no <record>")
-    if len(records) > max_records:
-        raise ReportError(f"{len(records)} records, more than {max_records}")
-    rows = tuple(_row(r) for r in records)
     return IngestedReport(
         received=0, source="", status="accepted",
         org_name=_text(meta, "org_name", required=True),
         org_email=_text(meta, "email"),
         report_id=_text(meta, "report_id", required=True), begin=begin, end=end,
         policy_domain=_domain(_text(published, "domain", required=True), "policy domain"),
-        policy=tuple(policy), rows=rows)
+        policy=tuple(policy), rows=tuple(rows))
+
+
+def _stream(data: bytes, max_records: int) -> tuple[ET.Element | None, ET.Element | None,
+                                                    list[ReportRow]]:
+    """<report_metadata>, <policy_published> and the records, read as the XML streams."""
+    meta = published = None
+    rows: list[ReportRow] = []
+    depth = 0
+    try:
+        for event, el in SafeET.iterparse(io.BytesIO(data), events=("start", "end"),
+                                          forbid_dtd=True, forbid_entities=True,
+                                          forbid_external=True):
+            if event == "start":
+                depth += 1
+                if depth == 1 and _local(el.tag) != "feedback":
+                    raise ReportError(f"root element <{_local(el.tag)}>, not <feedback>")
+                continue
+            depth -= 1
+            if depth != 1:
+                continue
+            name = _local(el.tag)
+            if name == "record":
+                if len(rows) >= max_records:
+                    raise ReportError(f"more than {max_records} records")
+                rows.append(_row(el))
+                el.clear()
+            elif name == "report_metadata":
+                meta = el
+            elif name == "policy_published":
+                published = el
+    except DefusedXmlException as exc:
+        raise ReportError(f"refused XML: {type(exc).__name__}") from None
+    except (ET.ParseError, ValueError) as exc:
+        if isinstance(exc, ReportError):
+            raise
+        raise ReportError(f"not well-formed XML: {exc}") from None
+    return meta, published, rows
 
 
 def _row(record: ET.Element) -> ReportRow:
