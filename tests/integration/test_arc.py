@@ -13,6 +13,7 @@ import pytest
 
 from mailward.services import keys
 from mailward.services.dns import Budget, DnsSettings, Resolver
+from mailward.services.reportstore import SqliteStore
 from tests.checks.test_dkim import publish, rsa_key
 from tests.integration.conftest import Harness
 
@@ -41,6 +42,7 @@ def list_post(harness: Harness, *, footer: str = "") -> tuple[str, bytes]:
 
 
 def test_a_list_post_is_refused_unless_the_sealer_is_trusted(harness: Harness) -> None:
+    start = int(time.time())
     mid, data = list_post(harness)
     out = harness.send(data, mail_from="list-bounces@lists.example")
     assert (out.stage, out.code, out.text) == (
@@ -63,6 +65,18 @@ def test_a_list_post_is_refused_unless_the_sealer_is_trusted(harness: Harness) -
             harness.mw.log()
         assert " arc=pass dmarc=fail " in harness.mw.log()
         assert " dmarc_override=arc:lists.example verdict=accept " in harness.mw.log()
+    # the report store has both as applied: the refusal, and the override as RFC 9990's
+    # trusted_forwarder (the writer thread writes a moment later)
+    store = SqliteStore(str(harness.mw.workdir / "reports.sqlite"))
+    deadline = time.monotonic() + 10
+    while len(rows := store.messages(start, 2**40, policy_domain="bank.example")) < 2:
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.1)
+    assert [(r.disposition, r.dkim_aligned, r.spf_aligned, r.reasons) for r in rows] == [
+        ("reject", "fail", "fail", ()),
+        ("none", "fail", "fail", (("trusted_forwarder", "ARC sealed by lists.example"),))]
+    assert {r.envelope_from for r in rows} == {"lists.example"}
+    store.close()
 
 
 def test_a_later_hop_that_breaks_the_chain_is_refused_again(harness: Harness) -> None:

@@ -46,6 +46,11 @@ _dmarc.broken.test.      TXT "v=DMARC1; p=reject"
 reporter.test.           TXT "v=spf1 ip4:127.0.0.1 -all"
 _dmarc.reporter.test.    TXT "v=DMARC1; p=reject"
 nodmarc.test.            TXT "v=spf1 ip4:127.0.0.1 -all"
+watched.test.            TXT "v=spf1 -all"
+_dmarc.watched.test.     TXT ( "v=DMARC1; p=reject; sp=quarantine; np=reject; adkim=s; "
+                               "aspf=r; t=n" )
+retry.test.              TXT "v=spf1 ip4:127.0.0.1 -all"
+_dmarc.retry.test.       TXT "v=DMARC1; p=quarantine"
 """
 
 
@@ -185,3 +190,50 @@ def test_reports_from_live_verdicts_round_trip(lab: tuple[Lab, Harness],
                                  "--unauthenticated").stdout)
     assert [s["reporter"] for s in hidden] == ["evil.test"]
     assert "not authenticate are not shown" in mailward(running, "reports", "show").stdout
+
+
+def test_the_disposition_recorded_is_the_one_applied(lab: tuple[Lab, Harness]) -> None:
+    """Spoofs of watched.test (p=reject) under local settings that change what is done with
+    them: each row says what was applied and why; a tempfailed attempt is counted once, when
+    its retry is judged."""
+    running, h = lab
+    db = store(running)
+    start = int(time.time())
+    queued = h.metric("mailward_report_rows_total", outcome="queued")
+    configured = running.mailward.config_path().read_text()
+    spoof = {"sender": "ceo@watched.test", "to": "bob@example.net"}
+    try:
+        for extra, code in (("[check.dmarc]\nmode = monitor\n", 250),
+                            ("[check.dmarc]\nnever_reject = watched.test\n", 250),
+                            ("[check.dmarc]\nreject_as = accept\n", 250),
+                            ("", 550)):
+            h.reload(merge_ini(configured, extra))
+            _, data = h.message(**spoof)
+            assert h.send(data, mail_from="x@evil.test").code == code, extra
+    finally:
+        h.reload(configured)
+    # retry.test: the first attempt tempfails (DNS), the retry passes; one row
+    running.dns.servfail.add("_dmarc.retry.test")
+    _, data = h.message(sender="a@retry.test", to="bob@example.net")
+    assert h.send(data, mail_from="a@retry.test").code == 451
+    running.dns.servfail.discard("_dmarc.retry.test")
+    assert h.send(data, mail_from="a@retry.test").code == 250
+
+    wait_for(lambda: len(db.messages(start, 2**40, policy_domain="retry.test")) == 1)
+    rows = db.messages(start, 2**40, policy_domain="watched.test")
+    assert [(r.disposition, r.reasons) for r in rows] == [
+        ("none", (("local_policy", "monitor mode: would reject"),)),
+        ("quarantine", (("local_policy", "policy asked reject, applied quarantine"),)),
+        ("none", (("local_policy", "policy asked reject, applied none"),)),
+        ("reject", ())]
+    assert {(r.source_ip, r.header_from, r.envelope_from, r.dkim_aligned, r.spf_aligned,
+             r.spf, r.dkim) for r in rows} == {
+        ("127.0.0.1", "watched.test", "evil.test", "fail", "fail",
+         ("evil.test", "mailfrom", "fail"), ())}
+    assert dict(rows[0].policy) == {
+        "p": "reject", "sp": "quarantine", "np": "reject", "adkim": "s", "aspf": "r",
+        "testing": "n", "discovery_method": "treewalk"}
+    [retried] = db.messages(start, 2**40, policy_domain="retry.test")
+    assert (retried.disposition, retried.spf_aligned, retried.reasons) == ("pass", "pass", ())
+    assert h.metric("mailward_report_rows_total", outcome="queued") == queued + 5
+    assert h.metric("mailward_report_rows_total", outcome="dropped") == 0

@@ -57,6 +57,60 @@ def test_messages_round_trip_by_period(store: SqlStore) -> None:
     assert store.messages(0, 1) == []
 
 
+def test_messages_of_one_policy_domain(store: SqlStore) -> None:
+    rows = [message(0), message(1, policy_domain="other.example"), message(2)]
+    store.add_messages(rows)
+    assert store.messages(0, 2**40, policy_domain="example.org") == [rows[0], rows[2]]
+    assert store.messages(0, 2**40, policy_domain="other.example") == [rows[1]]
+    assert store.messages(0, 2**40, policy_domain="nobody.example") == []
+    assert store.messages(0, 2, policy_domain="example.org") == []
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fresh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """(kind, where) of a database with no tables yet."""
+    if request.param == "sqlite":
+        yield "sqlite", str(tmp_path / "fresh.sqlite")
+        return
+    import psycopg  # noqa: PLC0415 - the optional extra, as in the store
+
+    url = request.getfixturevalue("postgresql_url")
+    name = f"fresh{time.monotonic_ns()}"
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute(f"CREATE DATABASE {name}")
+    yield "postgresql", url.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def test_many_open_a_new_database_at_once(fresh: tuple[str, str]) -> None:
+    """A fleet starting together (or the milter and the daily build) on a new database: each
+    one creates the tables, none fails (PostgreSQL raised UniqueViolation before)."""
+    kind, where = fresh
+    start = threading.Barrier(8)
+    opened: list[SqlStore] = []
+    failed: list[str] = []
+
+    def open_one() -> None:
+        start.wait()
+        try:
+            opened.append(open_store(kind, sqlite_path=where, postgresql_url=where))
+        except StoreError as exc:
+            failed.append(str(exc))
+
+    threads = [threading.Thread(target=open_one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failed == []
+    for n, one in enumerate(opened):
+        one.add_messages([message(n)])
+    assert len(opened[0].messages(0, 2**40)) == 8
+    for one in opened:
+        one.close()
+
+
 def test_reports_received_dedupe_and_keep_rejected(store: SqlStore) -> None:
     report = IngestedReport(
         received=1_800_000_000, source="qid=ABC r.xml.gz", status="accepted",
@@ -129,6 +183,31 @@ def test_a_full_queue_drops_and_counts_never_blocks(tmp_path: Path) -> None:
     gate.release()
     writer.close()
     assert 0 < len(store.messages(0, 2**40)) <= 11
+
+
+def test_the_writer_outlives_an_unexpected_error(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "r.sqlite"))
+    original = store.add_messages
+    calls: list[int] = []
+
+    def buggy(rows: object) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        original(rows)  # type: ignore[arg-type]
+
+    store.add_messages = buggy  # type: ignore[method-assign]
+    errors: list[int] = []
+    writer = QueuedWriter(store, retention_days=1, on_error=lambda: errors.append(1))
+    writer.put(message(1))
+    deadline = time.monotonic() + 10
+    while not calls:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    writer.put(message(2))
+    writer.close()
+    assert errors == [1]
+    assert message(2) in store.messages(0, 2**40)
 
 
 def test_unusable_stores_say_why(tmp_path: Path) -> None:

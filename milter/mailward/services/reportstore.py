@@ -131,6 +131,8 @@ CREATE TABLE IF NOT EXISTS sent_reports (
   status TEXT NOT NULL, detail TEXT NOT NULL);
 """
 
+_SCHEMA_LOCK = 0x6D61696C77617264  # "mailward": the advisory lock held while creating tables
+
 _MESSAGE_COLUMNS = ("time, policy_domain, header_from, envelope_from, source_ip, disposition, "
                     "dkim_aligned, spf_aligned, reasons, dkim, spf, policy")
 
@@ -162,7 +164,9 @@ class SqlStore:
         self._lock = threading.Lock()
 
     @contextmanager
-    def _cursor(self) -> Iterator[Any]:
+    def _cursor(self, *, schema: bool = False) -> Iterator[Any]:
+        """A transaction, committed at the end; with `schema`, no other connection creates
+        tables until it ends."""
         raise NotImplementedError
         yield
 
@@ -184,9 +188,15 @@ class SqlStore:
             raise StoreError(f"report store: {type(exc).__name__}: {exc}") from None
 
     def create(self) -> None:
-        for statement in SCHEMA.format(serial=self.serial).split(";"):
-            if statement.strip():
-                self._run(statement)
+        """The tables, in one transaction: several MTAs of a fleet (or the milter and the
+        daily `reports build`) may open a new database at the same moment."""
+        statements = [s for s in SCHEMA.format(serial=self.serial).split(";") if s.strip()]
+        try:
+            with self._lock, self._cursor(schema=True) as cur:
+                for statement in statements:
+                    cur.execute(statement)
+        except self.errors as exc:
+            raise StoreError(f"report store: {type(exc).__name__}: {exc}") from None
 
     # -- messages (what we report) --------------------------------------------------------
 
@@ -200,11 +210,13 @@ class SqlStore:
                       json.dumps(r.dkim), json.dumps(r.spf), json.dumps(r.policy))
                       for r in rows])
 
-    def messages(self, begin: int, end: int) -> list[MessageRecord]:
-        """Messages judged in [begin, end), oldest first."""
+    def messages(self, begin: int, end: int, *, policy_domain: str = "") -> list[MessageRecord]:
+        """Messages judged in [begin, end), oldest first; of one DMARC Policy Domain if given."""
+        where, args = "time >= ? AND time < ?", list[Any]([begin, end])
+        if policy_domain:
+            where, args = where + " AND policy_domain = ?", [*args, policy_domain]
         rows = self._run(f"SELECT {_MESSAGE_COLUMNS} FROM dmarc_messages "  # noqa: S608
-                         "WHERE time >= ? AND "
-                         "time < ? ORDER BY time, id", (begin, end))
+                         f"WHERE {where} ORDER BY time, id", args)
         try:
             return [MessageRecord(int(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], r[7],
                                   _tuples(json.loads(r[8]), 2), _tuples(json.loads(r[9]), 3),
@@ -316,10 +328,11 @@ class SqliteStore(SqlStore):
         self.create()
 
     @contextmanager
-    def _cursor(self) -> Iterator[Any]:
+    def _cursor(self, *, schema: bool = False) -> Iterator[Any]:
         cur = self._db.cursor()
         try:
-            cur.execute("BEGIN")
+            # the tables: the write lock first (waiting up to the timeout), not after reading
+            cur.execute("BEGIN IMMEDIATE" if schema else "BEGIN")
             yield cur
             cur.execute("COMMIT")
         except BaseException:
@@ -364,11 +377,15 @@ class PostgresStore(SqlStore):
         self.create()
 
     @contextmanager
-    def _cursor(self) -> Iterator[Any]:
+    def _cursor(self, *, schema: bool = False) -> Iterator[Any]:
         if self._db.closed or self._db.broken:  # the server restarted: connect again
             self._db = self._connect()
         try:
             with self._db.cursor() as cur:
+                if schema:
+                    # CREATE ... IF NOT EXISTS is not safe against a concurrent CREATE in
+                    # PostgreSQL (a unique violation in its catalogue): one at a time
+                    cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
                 yield cur
             self._db.commit()
         except BaseException:
@@ -434,6 +451,9 @@ class QueuedWriter:
                     next_prune = time.monotonic() + 3600
             except StoreError as exc:
                 log.error("report store: %d row(s) not written: %s", len(rows), exc)
+                self._on_error()
+            except Exception:  # a bug must not end the thread: later rows would all drop
+                log.exception("report store: %d row(s) not written", len(rows))
                 self._on_error()
             if stop:
                 return
