@@ -90,3 +90,20 @@ def test_nothing_to_report(dmarc: DmarcOutcome) -> None:
 
 def test_a_tempfail_is_not_counted_the_retry_will_be() -> None:
     assert message_record(TX, verdict(outcome(), Action.TEMPFAIL, decided_by="dkim"), 1) is None
+
+
+def test_what_a_message_says_that_names_no_domain_is_left_out() -> None:
+    v = verdict(outcome(Result.PASS, aligned=("dkim:example.org",)))
+    dkim = v.results[1]
+    assert isinstance(dkim.outcome, DkimOutcome)
+    odd = DkimOutcome((*dkim.outcome.signatures,
+                       DkimSignature(Result.FAIL, domain="exa!mple", selector="x")))
+    v = Verdict(v.action, results=(v.results[0], CheckResult("dkim", Result.PASS, outcome=odd),
+                                   v.results[2]))
+    row = message_record(TX, v, 1)
+    assert row is not None and [d for d, _, _ in row.dkim] == ["example.org", "x.example"]
+
+
+def test_mail_from_no_smtp_client_is_not_reported() -> None:
+    local = Transaction(Stage.EOM, mail_from="root@example.org")
+    assert message_record(local, verdict(outcome()), 1) is None

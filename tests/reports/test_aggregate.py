@@ -87,6 +87,13 @@ def test_control_characters_from_a_message_never_break_the_xml() -> None:
     assert parse(xml, max_records=5).rows[0].dkim == (("example.org", "s1??[31m", "pass"),)
 
 
+def test_a_spammers_dkim_domain_costs_only_its_own_entry() -> None:
+    xml = render(report_of()).replace(b"<domain>example.org</domain><selector>s1",
+                                      b"<domain>exa!mple</domain><selector>s1", 1)
+    found = parse(xml, max_records=10)
+    assert found.rows[0].dkim == () and len(found.rows) == 3
+
+
 def test_the_schema_check_can_fail() -> None:
     broken = render(report_of()).replace(b"<disposition>pass", b"<disposition>maybe")
     assert not SCHEMA.validate(etree.fromstring(broken))

@@ -6,6 +6,7 @@ local_policy for monitor mode, never_reject, reject_as or another check's decisi
 
 from __future__ import annotations
 
+from mailward.core.ini import DOMAIN_RE
 from mailward.core.outcomes import DkimOutcome, DmarcOutcome, SpfOutcome
 from mailward.core.transaction import Transaction
 from mailward.core.verdict import Action, Result, Verdict
@@ -17,8 +18,8 @@ _DISPOSITION = {Action.REJECT: "reject", Action.QUARANTINE: "quarantine"}
 def message_record(tx: Transaction, verdict: Verdict, now: int) -> MessageRecord | None:
     """The report row for a message whose verdict is final (not a tempfail), or None: no
     DMARC policy was evaluated (none found, no usable From, a temporary error)."""
-    if verdict.action is Action.TEMPFAIL:
-        return None
+    if verdict.action is Action.TEMPFAIL or tx.client_ip is None:
+        return None  # a retry will be counted; mail not from an SMTP client is not reported
     dmarc = next((r for r in verdict.results if isinstance(r.outcome, DmarcOutcome)), None)
     if dmarc is None:
         return None
@@ -49,13 +50,15 @@ def message_record(tx: Transaction, verdict: Verdict, now: int) -> MessageRecord
     return MessageRecord(
         time=now, policy_domain=outcome.policy_domain, header_from=outcome.author_domain,
         envelope_from=tx.mail_from.rpartition("@")[2].lower(),
-        source_ip=str(tx.client_ip) if tx.client_ip else "",
+        source_ip=str(tx.client_ip),
         disposition=disposition,
         dkim_aligned="pass" if "dkim" in aligned else "fail",
         spf_aligned="pass" if "spf" in aligned else "fail",
         reasons=tuple(reasons),
+        # d= of a signature is what the message said: one that names no domain would make
+        # strict report consumers refuse the whole report, so it is left out
         dkim=tuple((s.domain, s.selector, str(s.result)) for s in dkim.signatures
-                   if s.domain) if dkim else (),
+                   if DOMAIN_RE.fullmatch(s.domain)) if dkim else (),
         spf=((identity.domain, str(identity.scope), str(identity.result))
              if identity is not None else ("", "", "")),
         policy=outcome.record)

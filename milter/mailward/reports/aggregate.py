@@ -258,6 +258,26 @@ def _stream(data: bytes, max_records: int) -> tuple[ET.Element | None, ET.Elemen
     return meta, published, rows
 
 
+def _dkim_entry(el: ET.Element) -> tuple[str, str, str] | None:
+    """One auth_results <dkim>, or None when unreadable: the raw results come from messages
+    the reporter saw, which a spammer wrote (a d= naming no domain), and must not cost the
+    domain owner the whole report."""
+    try:
+        return (_domain(_text(el, "domain", required=True), "dkim domain"),
+                _text(el, "selector")[:64],
+                _word(_text(el, "result", required=True), DKIM_RESULTS, "dkim result"))
+    except ReportError:
+        return None
+
+
+def _spf_entry(el: ET.Element) -> tuple[str, str] | None:
+    try:
+        return (_domain(_text(el, "domain", required=True), "spf domain"),
+                _word(_text(el, "result", required=True), SPF_RESULTS, "spf result"))
+    except ReportError:
+        return None
+
+
 def _row(record: ET.Element) -> ReportRow:
     row = _child(record, "row")
     if row is None:
@@ -276,13 +296,12 @@ def _row(record: ET.Element) -> ReportRow:
         reasons.append((kind if kind in OVERRIDES else "other", _text(reason, "comment")))
     ids = _child(record, "identifiers")
     auth = _child(record, "auth_results")
-    dkim = tuple((_domain(_text(d, "domain", required=True), "dkim domain"),
-                  _text(d, "selector")[:64],
-                  _word(_text(d, "result", required=True), DKIM_RESULTS, "dkim result"))
-                 for d in (_children(auth, "dkim")[:16] if auth is not None else []))
-    spf = tuple((_domain(_text(s, "domain", required=True), "spf domain"),
-                 _word(_text(s, "result", required=True), SPF_RESULTS, "spf result"))
-                for s in (_children(auth, "spf")[:4] if auth is not None else []))
+    found_dkim = [_dkim_entry(d) for d in (_children(auth, "dkim")[:16] if auth is not None
+                                           else [])]
+    found_spf = [_spf_entry(e) for e in (_children(auth, "spf")[:4] if auth is not None
+                                         else [])]
+    dkim = tuple(d for d in found_dkim if d is not None)
+    spf = tuple(e for e in found_spf if e is not None)
     return ReportRow(
         source_ip=source, count=_int(row, "count"),
         disposition=_word(_text(evaluated, "disposition", required=True), DISPOSITIONS,
