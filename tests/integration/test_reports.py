@@ -69,7 +69,7 @@ def lab() -> Iterator[tuple[Lab, Harness]]:
 keys = reporter.test rep {key.path}
 
 [reports]
-org_name = mx.lab.test
+org_name = reporter.test
 sender = dmarc-reports@reporter.test
 relay_tls = may
 ingest_addresses = dmarc-rua@owner.test
@@ -129,7 +129,7 @@ def test_reports_from_live_verdicts_round_trip(lab: tuple[Lab, Harness],
     built = mailward(running, "reports", "build", "--period", "today", "--out", str(out))
     assert built.returncode == 0, built.stderr
     files = list(out.iterdir())
-    assert [f.name.split("!")[:2] for f in files] == [["mx.lab.test", "owner.test"]]
+    assert [f.name.split("!")[:2] for f in files] == [["reporter.test", "owner.test"]]
     xml = gzip.decompress(files[0].read_bytes())
     SCHEMA.assertValid(etree.fromstring(xml))
     # send: to owner.test's own mailbox and the verified external one; not the unverified
@@ -144,9 +144,9 @@ def test_reports_from_live_verdicts_round_trip(lab: tuple[Lab, Harness],
     # the report mail went out through the lab MX: signed, DMARC pass, delivered untouched
     mail = h.sink.wait_for(lambda m: "dmarc-rua@owner.test" in m.rcpts)
     headers = dict((k.lower(), v) for k, v in mail.headers())
-    assert headers["subject"].split() == ["Report", "Domain:", "owner.test", "Submitter:",
-                                          "mx.lab.test", "Report-ID:",
-                                          f"<{files[0].name.split('!')[2]}.owner.test@mx.lab.test>"]
+    assert headers["subject"].split() == [
+        "Report", "Domain:", "owner.test", "Submitter:", "reporter.test", "Report-ID:",
+        f"<{files[0].name.split('!')[2]}.owner.test@reporter.test>"]
     assert "dkim=pass" in headers["authentication-results"]
     assert "smtp.version=TLSv1.3" in headers["authentication-results"]  # STARTTLS to the relay
     assert "dmarc=pass" in headers["authentication-results"]
@@ -155,7 +155,7 @@ def test_reports_from_live_verdicts_round_trip(lab: tuple[Lab, Harness],
     wait_for(lambda: db.reports(0))
     [report] = db.reports(0)
     assert (report.org_name, report.policy_domain, report.authenticated) == (
-        "mx.lab.test", "owner.test", True)
+        "reporter.test", "owner.test", True)
     assert sorted((r.source_ip, r.count, r.disposition) for r in report.rows) == [
         ("127.0.0.1", 2, "reject"), ("127.0.0.1", 3, "pass")]
     # report mail is never itself reported
@@ -181,14 +181,14 @@ def test_reports_from_live_verdicts_round_trip(lab: tuple[Lab, Harness],
            b"attachment; filename=\"evil!owner.test!1!2.xml.gz\"\r\n"
            b"Content-Transfer-Encoding: base64\r\n\r\n")
     raw += base64.encodebytes(gzip.compress(
-        gzip.decompress(forged).replace(b"mx.lab.test", b"evil.test"))).replace(b"\n", b"\r\n")
+        gzip.decompress(forged).replace(b"reporter.test", b"evil.test"))).replace(b"\n", b"\r\n")
     assert h.send(raw, ("dmarc-rua@owner.test",), mail_from="noreply@nodmarc.test").code == 250
     wait_for(lambda: len(db.reports(0)) == 2)
     shown = json.loads(mailward(running, "reports", "show", "--json").stdout)
-    assert [s["reporter"] for s in shown] == ["mx.lab.test"]
+    assert [s["reporter"] for s in shown] == ["reporter.test"]
     hidden = json.loads(mailward(running, "reports", "show", "--json",
                                  "--unauthenticated").stdout)
-    assert [s["reporter"] for s in hidden] == ["evil.test"]
+    assert [s["reporter"] for s in hidden] == ["evil.test (mail from nodmarc.test)"]
     assert "not authenticate are not shown" in mailward(running, "reports", "show").stdout
 
 

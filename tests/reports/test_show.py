@@ -3,6 +3,7 @@ reports apart; the HTML page loaded in a real headless browser (Debian's chromiu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mailward.reports.show import select, sources
+from mailward.reports.show import reporter, select, sources
 from mailward.services.reportstore import IngestedReport, ReportRow, SqliteStore
 from tests.conftest import need
 
@@ -70,6 +71,14 @@ def test_failing_sources_first_and_forged_reports_apart() -> None:
     assert found[0].dispositions == {"quarantine": 7}
     assert [s.reporter for s in sources(select(REPORTS, authenticated=False))] == [
         "attacker.example"]
+
+
+def test_a_report_that_claims_another_organisation_says_who_mailed_it() -> None:
+    claimed = dataclasses.replace(REPORTS[0], auth_detail="dmarc=pass header.from=evil.example")
+    genuine = dataclasses.replace(REPORTS[0], auth_detail="dmarc=pass header.from=google.com")
+    assert reporter(claimed) == "google.com (mail from evil.example)"
+    assert reporter(genuine) == "google.com"
+    assert {s.reporter for s in sources([claimed])} == {"google.com (mail from evil.example)"}
 
 
 def test_show_text_and_json(config: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -47,11 +48,24 @@ def select(reports: list[IngestedReport], *, domain: str = "",
             and (not domain or r.policy_domain == domain.lower().rstrip("."))]
 
 
+def reporter(report: IngestedReport) -> str:
+    """The reporting organisation as the report names it, and, when the report mail came
+    from a domain that is not that name's, that domain too: passing DMARC proves who sent
+    the mail, not what organisation the report claims to be from."""
+    m = re.search(r"header\.from=(\S+)", report.auth_detail)
+    sender = m.group(1).lower() if m else ""
+    org = report.org_name.lower()
+    if sender and not (org == sender or org.endswith("." + sender)
+                       or sender.endswith("." + org)):
+        return f"{report.org_name} (mail from {sender})"
+    return report.org_name
+
+
 def sources(reports: list[IngestedReport]) -> list[Source]:
     found: dict[tuple[str, str, str], Source] = {}
     for report in reports:
         for row in report.rows:
-            key = (report.policy_domain, row.source_ip, report.org_name)
+            key = (report.policy_domain, row.source_ip, reporter(report))
             s = found.setdefault(key, Source(*key))
             s.messages += row.count
             s.spf_pass += row.count if row.spf_aligned == "pass" else 0
