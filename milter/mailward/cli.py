@@ -10,22 +10,21 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
-from mailward import __version__, audit, reference
+from mailward import __version__
 from mailward.app import App
 from mailward.checks import REGISTRY
 from mailward.checks.tls import VERSIONS as TLS_VERSIONS
 from mailward.core import config as configmod
-from mailward.core.snapshot import build
 from mailward.errors import MailwardError
-from mailward.lab.demo import main as demo_main
-from mailward.reports import commands as report_commands
-from mailward.scan import report_dict, scan
 from mailward.services import keys
 from mailward.services.dns import DnsError, Resolver
-from mailward.services.metrics import Metrics, StsMetrics
-from mailward.sts import cache as sts_cache
-from mailward.sts import service as sts_service
+from mailward.services.metrics import Metrics
+
+# The other commands' modules (audit, scan, sts, reports, the lab) are imported by the command
+# that needs them: the milter (`run`) is a long-lived process, and what it never uses it
+# should not hold in memory.
 
 DEFAULT_CONFIG = "/etc/mailward/mailward.ini"
 
@@ -59,6 +58,8 @@ class UsageError(MailwardError):
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
+    from mailward.core.snapshot import build  # noqa: PLC0415 - see the imports above
+    from mailward.scan import report_dict, scan  # noqa: PLC0415
     if args.client_ip:
         try:
             ipaddress.ip_address(args.client_ip)
@@ -198,6 +199,7 @@ def cmd_keycheck(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Check the MTA and our domains; exit 1 when anything fails."""
+    from mailward import audit  # noqa: PLC0415 - see the imports above
     cfg = _config_or_defaults(args.config)
     findings = audit.run(cfg, args.postfix_dir, with_mta=not args.no_mta)
     if args.json:
@@ -209,6 +211,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_sts(args: argparse.Namespace) -> int:
+    from mailward.services.metrics import StsMetrics  # noqa: PLC0415 - see the imports above
+    from mailward.sts import cache as sts_cache  # noqa: PLC0415
+    from mailward.sts import service as sts_service  # noqa: PLC0415
     cfg = _config_or_defaults(args.config) if args.action != "run" else \
         configmod.load(args.config or DEFAULT_CONFIG, REGISTRY)
     if args.action == "run":
@@ -250,7 +255,8 @@ def cmd_sts(args: argparse.Namespace) -> int:
     return status
 
 
-def sts_describe(e: sts_cache.Entry, now: float) -> str:
+def sts_describe(e: Any, now: float) -> str:
+    """One cached policy (an sts.cache.Entry) on one line."""
     def when(t: float) -> str:
         return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))
 
@@ -272,6 +278,8 @@ REFERENCE_LOADERS: tuple[Callable[[], object], ...] = ()
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
+    from mailward import reference  # noqa: PLC0415 - see the imports above
+    from mailward.services.metrics import StsMetrics  # noqa: PLC0415
     if args.what == "metrics":
         sys.stdout.write(reference.metrics_md([Metrics(), StsMetrics()]))
         return 0
@@ -287,10 +295,13 @@ def _annotated_default() -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from mailward.lab.demo import main as demo_main  # noqa: PLC0415 - see the imports above
+
     return demo_main(keep=args.keep)
 
 
 def cmd_reports(args: argparse.Namespace) -> int:
+    from mailward.reports import commands as report_commands  # noqa: PLC0415 - see above
     cfg = _config_or_defaults(args.config)
     _setup_logging("warning")
     if args.action == "build":

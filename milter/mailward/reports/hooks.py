@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import GaugeMetricFamily
 
@@ -20,9 +21,11 @@ from mailward.core.reporting import message_record
 from mailward.core.settings import ReportsSettings, ReportStoreKind
 from mailward.core.transaction import Transaction
 from mailward.core.verdict import Result, Verdict
-from mailward.reports.ingest import Inbox, Limits
 from mailward.services.metrics import Metrics
 from mailward.services.reportstore import QueuedWriter, SqlStore, StoreError, open_store
+
+if TYPE_CHECKING:
+    from mailward.reports.ingest import Inbox
 
 SENT_STATUSES = ("sent", "failed", "skipped")
 
@@ -41,9 +44,14 @@ class Reporting:
             on_error=lambda: metrics.report_rows.labels(outcome="error").inc())
         self._metrics = metrics
         self.addresses = frozenset(settings.ingest_addresses)
-        self.inbox = Inbox(store, Limits(settings.max_ingest_size, settings.max_report_records),
-                           count=lambda outcome: metrics.reports_ingested.labels(
-                               outcome=outcome).inc()) if self.addresses else None
+        self.inbox: Inbox | None = None
+        if self.addresses:  # the XML, zip and MIME machinery is loaded only to be used
+            from mailward.reports.ingest import Inbox, Limits  # noqa: PLC0415
+
+            self.inbox = Inbox(store, Limits(settings.max_ingest_size,
+                                             settings.max_report_records),
+                               count=lambda outcome: metrics.reports_ingested.labels(
+                                   outcome=outcome).inc())
         self._collector = SentCollector(store)
         metrics.registry.register(self._collector)
 
