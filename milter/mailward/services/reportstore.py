@@ -321,11 +321,25 @@ class SqliteStore(SqlStore):
         try:
             self._db = sqlite3.connect(path, timeout=10, check_same_thread=False,
                                        isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._wal()
             self._db.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.Error as exc:
             raise StoreError(f"{path}: {exc}") from None
         self.create()
+
+    def _wal(self) -> None:
+        """Switch a new file to WAL. The switch needs the file to itself and SQLite does not
+        wait for that (the busy timeout does not apply): processes opening a new database
+        together retry for up to ten seconds."""
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     @contextmanager
     def _cursor(self, *, schema: bool = False) -> Iterator[Any]:
