@@ -36,7 +36,6 @@ from mailward.errors import ConfigError, MailwardError
 from mailward.reports.hooks import Reporting
 from mailward.services import watchdog
 from mailward.services.metrics import Metrics
-from mailward.services.reportstore import StoreError
 from mailward.services.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
@@ -148,14 +147,9 @@ class App:
             except OSError as exc:
                 raise MailwardError(f"[metrics] listen {host}:{port}: {exc.strerror}") from None
             log.info("metrics on http://%s:%d/metrics", host, port)
-        try:
-            self._reports = Reporting.start(cfg.reports, self.metrics)
-        except StoreError as exc:
-            # mail matters more than reports about it: serve, and say so loudly
-            log.error("[reports] %s: DMARC outcomes are NOT recorded and report mail is not "
-                      "read until this is fixed and mailward restarted (store = off to "
-                      "silence)", exc)
-            self.metrics.report_rows.labels(outcome="error").inc()
+        # a store that cannot be opened is retried in the background: mail matters more
+        # than the reports about it (reports/hooks.py)
+        self._reports = Reporting.start(cfg.reports, self.metrics)
         checks = ", ".join(f"{link.name}({link.mode})" for link in cfg.chain)
         log.info("mailward listening on %s, checks: %s", cfg.milter.socket, checks or "none")
         failure: list[ServeError] = []

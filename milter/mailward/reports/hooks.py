@@ -10,6 +10,7 @@ can feed each other reports about reports.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -33,27 +34,62 @@ log = logging.getLogger("mailward.reports")
 
 
 class Reporting:
-    def __init__(self, settings: ReportsSettings, metrics: Metrics) -> None:
+    """The store, its writer and the inbox, opened at start. A store that cannot be opened
+    then (the database of a fleet down, a directory missing) is tried again every
+    `retry_interval` seconds in the background; until it opens, outcomes are counted as
+    dropped and report mail is delivered unread, and mail is never held up for it."""
+
+    def __init__(self, settings: ReportsSettings, metrics: Metrics, *,
+                 retry_interval: float = 60.0) -> None:
         self.settings = settings
-        store = open_store(str(settings.store), sqlite_path=settings.sqlite_path,
-                           postgresql_url=settings.postgresql_url)
-        self.store = store
-        self.writer = QueuedWriter(
-            store, retention_days=settings.retention,
-            on_drop=lambda: metrics.report_rows.labels(outcome="dropped").inc(),
-            on_error=lambda: metrics.report_rows.labels(outcome="error").inc())
         self._metrics = metrics
         self.addresses = frozenset(settings.ingest_addresses)
+        self.store: SqlStore | None = None
+        self.writer: QueuedWriter | None = None
         self.inbox: Inbox | None = None
+        self._collector: SentCollector | None = None
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        try:
+            self._open()
+        except StoreError as exc:
+            log.error("[reports] %s: DMARC outcomes are not recorded and report mail is not "
+                      "read until the store opens (tried again every %gs)", exc,
+                      retry_interval)
+            metrics.report_rows.labels(outcome="error").inc()
+            threading.Thread(target=self._retry, args=(retry_interval,), name="report-store",
+                             daemon=True).start()
+
+    def _open(self) -> None:
+        s, metrics = self.settings, self._metrics
+        store = open_store(str(s.store), sqlite_path=s.sqlite_path,
+                           postgresql_url=s.postgresql_url)
+        writer = QueuedWriter(
+            store, retention_days=s.retention,
+            on_drop=lambda: metrics.report_rows.labels(outcome="dropped").inc(),
+            on_error=lambda: metrics.report_rows.labels(outcome="error").inc())
+        inbox = None
         if self.addresses:  # the XML, zip and MIME machinery is loaded only to be used
             from mailward.reports.ingest import Inbox, Limits  # noqa: PLC0415
 
-            self.inbox = Inbox(store, Limits(settings.max_ingest_size,
-                                             settings.max_report_records),
-                               count=lambda outcome: metrics.reports_ingested.labels(
-                                   outcome=outcome).inc())
-        self._collector = SentCollector(store)
-        metrics.registry.register(self._collector)
+            inbox = Inbox(store, Limits(s.max_ingest_size, s.max_report_records),
+                          count=lambda outcome: metrics.reports_ingested.labels(
+                              outcome=outcome).inc())
+        collector = SentCollector(store)
+        metrics.registry.register(collector)
+        with self._lock:
+            self.store, self.writer, self.inbox, self._collector = (store, writer, inbox,
+                                                                    collector)
+
+    def _retry(self, interval: float) -> None:
+        while not self._closed.wait(interval):
+            try:
+                self._open()
+            except StoreError as exc:
+                log.error("[reports] still cannot open the store: %s", exc)
+                continue
+            log.info("[reports] store open: DMARC outcomes are recorded from now on")
+            return
 
     @classmethod
     def start(cls, settings: ReportsSettings, metrics: Metrics) -> Reporting | None:
@@ -68,12 +104,17 @@ class Reporting:
                               and tx.mail_from.lower() == self.settings.sender):
             return
         row = message_record(tx, verdict, int(time.time()))
-        if row is not None:
-            self.writer.put(row)
-            self._metrics.report_rows.labels(outcome="queued").inc()
+        if row is None:
+            return
+        if self.writer is None:  # the store is not open (yet)
+            self._metrics.report_rows.labels(outcome="dropped").inc()
+            return
+        self.writer.put(row)
+        self._metrics.report_rows.labels(outcome="queued").inc()
 
     def received(self, tx: Transaction, verdict: Verdict, raw: bytes) -> None:
-        if self.inbox is None:
+        if self.inbox is None:  # the store is not open (yet): delivered unread
+            self._metrics.reports_ingested.labels(outcome="dropped").inc()
             return
         dmarc = next((r.outcome for r in verdict.results
                       if isinstance(r.outcome, DmarcOutcome)), None)
@@ -89,11 +130,16 @@ class Reporting:
         return self.settings.max_ingest_size
 
     def close(self) -> None:
-        self._metrics.registry.unregister(self._collector)
-        self.writer.close()
-        if self.inbox is not None:
-            self.inbox.close()
-        self.store.close()
+        self._closed.set()
+        with self._lock:
+            if self._collector is not None:
+                self._metrics.registry.unregister(self._collector)
+            if self.writer is not None:
+                self.writer.close()
+            if self.inbox is not None:
+                self.inbox.close()
+            if self.store is not None:
+                self.store.close()
 
 
 class SentCollector:
