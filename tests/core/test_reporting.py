@@ -107,3 +107,10 @@ def test_what_a_message_says_that_names_no_domain_is_left_out() -> None:
 def test_mail_from_no_smtp_client_is_not_reported() -> None:
     local = Transaction(Stage.EOM, mail_from="root@example.org")
     assert message_record(local, verdict(outcome()), 1) is None
+
+
+def test_an_envelope_domain_that_is_no_domain_is_left_out() -> None:
+    odd = Transaction(Stage.EOM, client_ip=ipaddress.ip_address("192.0.2.7"),
+                      mail_from="b@x\udcff.example")
+    row = message_record(odd, verdict(outcome(Result.PASS, aligned=("dkim:example.org",))), 1)
+    assert row is not None and row.envelope_from == ""

@@ -4,8 +4,10 @@ reports (entities, external references, bombs, floods of records) refused with t
 from __future__ import annotations
 
 import base64
+import bz2
 import gzip
 import io
+import struct
 import zipfile
 from pathlib import Path
 
@@ -205,3 +207,48 @@ def test_periods() -> None:
     assert period("2027-01-01", now) == (1_798_761_600, 1_798_848_000)
     with pytest.raises(ValueError, match="--period"):
         period("last week", now)
+
+
+# -- from the hostile review of 2026-12-04 ------------------------------------------------------
+
+def test_a_bzip2_zip_member_is_refused_before_it_is_inflated() -> None:
+    """A 450-byte zip whose bzip2 member inflates to 400 MB in one go took the process to
+    822 MB before; it is refused without decompressing anything."""
+    comp = bz2.compress(b"<" + b"a" * (40 << 20), 9)
+    name = b"r.xml"
+    local = struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 46, 0, 12, 0, 0, 0, len(comp), 10,
+                        len(name), 0) + name
+    central = struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 46, 46, 0, 12, 0, 0, 0,
+                          len(comp), 10, len(name), 0, 0, 0, 0, 0, 0) + name
+    zipped = local + comp + central + struct.pack(
+        "<4sHHHHIIH", b"PK\x05\x06", 0, 0, 1, 1, len(central), len(local) + len(comp), 0)
+    with pytest.raises(ReportError, match="compressed with method 12"):
+        xml_of(zipped, 20 << 20)
+
+
+def test_elements_other_than_records_are_not_kept() -> None:
+    """Twenty megabytes of `<a/>` at the top held 508 MB before; now they are bounded in
+    number and dropped as they are read."""
+    flood = b"<feedback>" + b"<a/>" * 100_000 + b"</feedback>"
+    with pytest.raises(ReportError, match="too many or too deeply nested"):
+        parse(flood, max_records=10)
+    deep = b"<feedback>" + b"<a>" * 50 + b"</a>" * 50 + b"</feedback>"
+    with pytest.raises(ReportError, match="too many or too deeply nested"):
+        parse(deep, max_records=10)
+    padded = render(report_of()).replace(b"<record>", b"<junk>x</junk><record>", 1)
+    assert len(parse(padded, max_records=10).rows) == 3
+
+
+@pytest.mark.parametrize("bad", ["fe80::1%\u202eevil", "192.0.2.1%eth0"])
+def test_a_scope_id_or_a_format_character_is_refused(bad: str) -> None:
+    xml = render(report_of()).replace(b">192.0.2.1<", f">{bad}<".encode(), 1)
+    with pytest.raises(ReportError):
+        parse(xml, max_records=10)
+
+
+def test_deeply_nested_mime_is_a_rejected_report_not_an_error() -> None:
+    raw = b"From: a@b.example\r\nContent-Type: multipart/mixed; boundary=b0\r\n\r\n"
+    for i in range(3000):
+        raw += f"--b{i}\r\nContent-Type: multipart/mixed; boundary=b{i + 1}\r\n\r\n".encode()
+    with pytest.raises(ReportError):
+        attachments(raw, 10**6)

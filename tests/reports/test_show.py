@@ -14,9 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from mailward.reports.aggregate import render
+from mailward.reports.ingest import Limits, ingest_message
 from mailward.reports.show import reporter, select, sources
 from mailward.services.reportstore import IngestedReport, ReportRow, SqliteStore
 from tests.conftest import need
+from tests.reports.test_aggregate import report_of
 
 NOW = int(time.time())
 
@@ -127,3 +130,20 @@ def test_bad_periods_get_a_clear_answer(config: Path) -> None:
         1, "mailward: --since 'last tuesday': expected 7d, 24h, 30m or YYYY-MM-DD\n")
     done = mailward(config, "build", "--period", "soon")
     assert done.returncode == 1 and "--period 'soon'" in done.stderr
+
+
+def test_a_report_is_authenticated_only_when_its_mail_speaks_for_its_organisation(
+        tmp_path: Path) -> None:
+    xml = render(report_of())  # org_name mx.example.net, email dmarc-reports@example.net
+    raw = (b"From: r@x\r\nContent-Type: text/xml\r\nContent-Disposition: attachment; "
+           b"filename=r.xml\r\n\r\n" + xml)
+    store = SqliteStore(str(tmp_path / "r.sqlite"))
+    for n, sender in enumerate(("evil.example", "mail.example.net")):
+        assert ingest_message(store, raw.replace(b"example.org<", f"o{n}.example<".encode()),
+                              Limits(10**6, 100), source=f"m{n}", authenticated=True,
+                              detail=f"dmarc=pass header.from={sender}",
+                              sender_domain=sender) == ["accepted"]
+    found = store.reports(0)
+    assert [(r.policy_domain, r.authenticated) for r in found] == [
+        ("o0.example", False), ("o1.example", True)]
+    assert "evil.example does not speak for mx.example.net" in found[0].auth_detail

@@ -226,3 +226,18 @@ def test_postgresql_comes_back_after_a_restart_of_the_connection(postgresql_url:
     store.add_messages([message(7)])
     assert message(7) in store.messages(0, 2**40)
     store.close()
+
+
+def test_a_row_the_database_cannot_take_costs_only_itself(tmp_path: Path) -> None:
+    """A lone surrogate (pymilter's surrogateescape) in one row made SQLite refuse the whole
+    batch of up to 500 rows."""
+    store = SqliteStore(str(tmp_path / "r.sqlite"))
+    errors: list[int] = []
+    writer = QueuedWriter(store, retention_days=36500, on_error=lambda: errors.append(1))
+    for i in range(200):
+        writer.put(message(i))
+    writer.put(message(500, envelope_from="x\udcff.example"))
+    for i in range(200, 400):
+        writer.put(message(i))
+    writer.close()
+    assert len(store.messages(0, 2**40)) == 400 and errors == [1]

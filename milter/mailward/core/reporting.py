@@ -15,6 +15,12 @@ from mailward.services.reportstore import MessageRecord
 _DISPOSITION = {Action.REJECT: "reject", Action.QUARANTINE: "quarantine"}
 
 
+def _domain(name: str) -> str:
+    """A DNS name the client gave, or "" (whatever else it sent has no place in a report)."""
+    name = name.lower().rstrip(".")
+    return name if name.isascii() and DOMAIN_RE.fullmatch(name) else ""
+
+
 def message_record(tx: Transaction, verdict: Verdict, now: int) -> MessageRecord | None:
     """The report row for a message whose verdict is final (not a tempfail), or None: no
     DMARC policy was evaluated (none found, no usable From, a temporary error)."""
@@ -49,7 +55,7 @@ def message_record(tx: Transaction, verdict: Verdict, now: int) -> MessageRecord
     identity = spf.dmarc_identity if spf is not None else None
     return MessageRecord(
         time=now, policy_domain=outcome.policy_domain, header_from=outcome.author_domain,
-        envelope_from=tx.mail_from.rpartition("@")[2].lower(),
+        envelope_from=_domain(tx.mail_from.rpartition("@")[2]),
         source_ip=str(tx.client_ip),
         disposition=disposition,
         dkim_aligned="pass" if "dkim" in aligned else "fail",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import ipaddress
 import re
+import unicodedata
 import xml.etree.ElementTree as ET  # building only: parsing uses defusedxml
 from collections import Counter
 from collections.abc import Iterable
@@ -26,6 +27,8 @@ from mailward.services.reportstore import IngestedReport, MessageRecord, ReportR
 NS = "urn:ietf:params:xml:ns:dmarc-2.0"
 MAX_TEXT = 255
 MAX_COUNT = 10**12
+MAX_DEPTH = 8  # feedback/record/auth_results/dkim/domain is 5 deep
+MAX_ELEMENTS_PER_RECORD = 200  # a record is about 25; room for extensions
 POLICY_TAGS = ("p", "sp", "np", "adkim", "aspf", "discovery_method", "testing")
 DISPOSITIONS = ("none", "pass", "quarantine", "reject")
 DKIM_RESULTS = ("none", "pass", "fail", "policy", "neutral", "temperror", "permerror")
@@ -165,8 +168,9 @@ def _text(el: ET.Element | None, name: str, *, required: bool = False) -> str:
         raise ReportError(f"<{name}> missing")
     if len(text) > MAX_TEXT:
         raise ReportError(f"<{name}> longer than {MAX_TEXT} characters")
-    if any(ord(c) < 32 for c in text):
-        raise ReportError(f"<{name}> holds control characters")
+    if any(ord(c) < 32 or 0x7f <= ord(c) <= 0x9f or unicodedata.category(c) == "Cf"
+           for c in text):
+        raise ReportError(f"<{name}> holds control or format characters")
     return text
 
 
@@ -221,20 +225,26 @@ def parse(data: bytes, *, max_records: int) -> IngestedReport:
         policy=tuple(policy), rows=tuple(rows))
 
 
-def _stream(data: bytes, max_records: int) -> tuple[ET.Element | None, ET.Element | None,
-                                                    list[ReportRow]]:
+def _stream(data: bytes, max_records: int) -> tuple[  # noqa: PLR0912 - one pass, each event
+        ET.Element | None, ET.Element | None, list[ReportRow]]:
     """<report_metadata>, <policy_published> and the records, read as the XML streams."""
     meta = published = None
     rows: list[ReportRow] = []
-    depth = 0
+    depth = elements = 0
+    root: ET.Element | None = None
     try:
         for event, el in SafeET.iterparse(io.BytesIO(data), events=("start", "end"),
                                           forbid_dtd=True, forbid_entities=True,
                                           forbid_external=True):
             if event == "start":
                 depth += 1
-                if depth == 1 and _local(el.tag) != "feedback":
-                    raise ReportError(f"root element <{_local(el.tag)}>, not <feedback>")
+                elements += 1
+                if depth > MAX_DEPTH or elements > MAX_ELEMENTS_PER_RECORD * (max_records + 2):
+                    raise ReportError("too many or too deeply nested elements")
+                if depth == 1:
+                    if _local(el.tag) != "feedback":
+                        raise ReportError(f"root element <{_local(el.tag)}>, not <feedback>")
+                    root = el
                 continue
             depth -= 1
             if depth != 1:
@@ -244,11 +254,14 @@ def _stream(data: bytes, max_records: int) -> tuple[ET.Element | None, ET.Elemen
                 if len(rows) >= max_records:
                     raise ReportError(f"more than {max_records} records")
                 rows.append(_row(el))
-                el.clear()
-            elif name == "report_metadata":
+            elif name == "report_metadata" and meta is None:
                 meta = el
-            elif name == "policy_published":
+                continue
+            elif name == "policy_published" and published is None:
                 published = el
+                continue
+            if root is not None:  # nothing else at the top is kept: memory follows records
+                root.remove(el)
     except DefusedXmlException as exc:
         raise ReportError(f"refused XML: {type(exc).__name__}") from None
     except (ET.ParseError, ValueError) as exc:
@@ -284,6 +297,8 @@ def _row(record: ET.Element) -> ReportRow:
         raise ReportError("<record> without <row>")
     ip = _text(row, "source_ip", required=True)
     try:
+        if "%" in ip:  # a scope id is free text
+            raise ValueError(ip)
         source = str(ipaddress.ip_address(ip))
     except ValueError:
         raise ReportError(f"source_ip {ip[:60]!r} is not an IP address") from None

@@ -122,7 +122,7 @@ class Reporting:
         detail = (f"dmarc={dmarc.result} header.from={dmarc.author_domain}" if dmarc
                   else "no DMARC result")
         self.inbox.submit(raw, source=f"qid={tx.queue_id}", authenticated=authenticated,
-                          detail=detail)
+                          detail=detail, sender_domain=dmarc.author_domain if dmarc else "")
 
     @property
     def max_message(self) -> int:

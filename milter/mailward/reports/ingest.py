@@ -6,9 +6,9 @@ accepted or rejected with the reason; they never raise for bad input. `Inbox` do
 for the milter on a background thread, so ordinary mail never waits for it.
 
 Anyone can mail a forged report to a published `rua` address, hoping an administrator will
-add the attacker's address to SPF. So every report keeps whether the report mail itself
-passed DMARC (for mail, `authenticated`; a file given by the administrator counts as such),
-and `show` keeps the reports that did not authenticate apart.
+add the attacker's address to SPF. So a report counts as authenticated only when its mail
+passed DMARC for a domain of the organisation the report names (a file given by the
+administrator counts as such), and `show` keeps the others apart.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailward.reports.aggregate import ReportError, parse
+from mailward.reports.build import org_domain
 from mailward.reports.unpack import Bomb, attachments, xml_of
 from mailward.services.reportstore import IngestedReport, SqlStore, StoreError
 
@@ -48,19 +49,31 @@ def _rejected(reason: str, *, source: str, authenticated: bool, detail: str,
                           authenticated=authenticated, auth_detail=detail)
 
 
+def speaks_for(sender_domain: str, report: IngestedReport) -> bool:
+    """Does mail from `sender_domain` speak for the organisation the report names (its
+    org_name, or its contact address's domain, in the same Organizational Domain)?"""
+    mine = org_domain(sender_domain)
+    claimed = {report.org_name, report.org_email.rpartition("@")[2]} - {""}
+    return any(org_domain(c) == mine for c in claimed)
+
+
 def _outcome(xml: bytes, limits: Limits, *, source: str, authenticated: bool, detail: str,
-             now: int) -> IngestedReport:
+             now: int, sender_domain: str = "") -> IngestedReport:
     try:
         report = parse(xml, max_records=limits.records)
     except ReportError as exc:
         return _rejected(str(exc), source=source, authenticated=authenticated, detail=detail,
                          now=now)
+    if authenticated and sender_domain and not speaks_for(sender_domain, report):
+        # DMARC proves who sent the mail, not the organisation the report claims to be
+        authenticated = False
+        detail += f"; {sender_domain} does not speak for {report.org_name}"
     return dataclasses.replace(report, received=now, source=source,
                                authenticated=authenticated, auth_detail=detail)
 
 
 def ingest_message(store: SqlStore, raw: bytes, limits: Limits, *, source: str,
-                   authenticated: bool, detail: str) -> list[str]:
+                   authenticated: bool, detail: str, sender_domain: str = "") -> list[str]:
     """Store each report attached to `raw`; the outcome of each (accepted, duplicate,
     rejected, bomb)."""
     now = int(time.time())
@@ -71,7 +84,8 @@ def ingest_message(store: SqlStore, raw: bytes, limits: Limits, *, source: str,
                                 detail=detail, now=now))
         return ["bomb" if isinstance(exc, Bomb) else "rejected"]
     return [_store(store, _outcome(xml, limits, source=f"{source} {name}".strip(),
-                                   authenticated=authenticated, detail=detail, now=now))
+                                   authenticated=authenticated, detail=detail, now=now,
+                                   sender_domain=sender_domain))
             for name, xml in found]
 
 
@@ -98,24 +112,26 @@ class Inbox:
                  count: Callable[[str], None] = lambda outcome: None,
                  maxsize: int = 100) -> None:
         self.store, self.limits, self.count = store, limits, count
-        self._queue: queue.Queue[tuple[bytes, str, bool, str] | None] = \
+        self._queue: queue.Queue[tuple[bytes, str, bool, str, str] | None] = \
             queue.Queue(maxsize=maxsize)
         self._thread = threading.Thread(target=self._run, name="report-inbox", daemon=True)
         self._thread.start()
 
-    def submit(self, raw: bytes, *, source: str, authenticated: bool, detail: str) -> None:
+    def submit(self, raw: bytes, *, source: str, authenticated: bool, detail: str,
+               sender_domain: str = "") -> None:
         try:
-            self._queue.put_nowait((raw, source, authenticated, detail))
+            self._queue.put_nowait((raw, source, authenticated, detail, sender_domain))
         except queue.Full:
             log.warning("report inbox full: report mail %s not ingested", source)
             self.count("dropped")
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            raw, source, authenticated, detail = item
+            raw, source, authenticated, detail, sender_domain = item
             try:
                 outcomes = ingest_message(self.store, raw, self.limits, source=source,
-                                          authenticated=authenticated, detail=detail)
+                                          authenticated=authenticated, detail=detail,
+                                          sender_domain=sender_domain)
             except StoreError as exc:
                 log.error("report inbox: %s not stored: %s", source, exc)
                 outcomes = ["error"]

@@ -50,6 +50,11 @@ def unzip(data: bytes, limit: int) -> bytes:
             xml = [m for m in members if m.filename.lower().endswith(".xml")]
             if not xml:
                 raise ReportError("zip without an .xml member")
+            if xml[0].compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                # zipfile inflates bzip2 and LZMA members a whole chunk at a time, past any
+                # read limit: a few hundred bytes can become gigabytes
+                raise ReportError(f"zip member compressed with method {xml[0].compress_type} "
+                                  "(only stored or deflated are read)")
             if xml[0].file_size > limit:
                 raise Bomb(f"zip member of {xml[0].file_size} bytes, past {limit}")
             with archive.open(xml[0]) as member:
@@ -80,6 +85,16 @@ def xml_of(data: bytes, limit: int) -> bytes:
 
 def attachments(raw: bytes, limit: int) -> list[tuple[str, bytes]]:
     """(filename, XML) of each report attached to a message."""
+    try:
+        return _attachments(raw, limit)
+    except ReportError:
+        raise
+    except (RecursionError, LookupError, ValueError, TypeError, AttributeError) as exc:
+        # the email package on hostile MIME (thousands of nested parts, say)
+        raise ReportError(f"unreadable message: {type(exc).__name__}") from None
+
+
+def _attachments(raw: bytes, limit: int) -> list[tuple[str, bytes]]:
     message: Message = email.message_from_bytes(raw, policy=email.policy.compat32)
     found: list[tuple[str, bytes]] = []
     total = 0

@@ -177,6 +177,7 @@ class SqlStore:
              many: Sequence[Sequence[Any]] | None = None) -> list[Any]:
         if many is not None and not many:
             return []
+        refused: tuple[type[Exception], ...] = (*self.errors, UnicodeError)
         try:
             with self._lock, self._cursor() as cur:
                 if many is not None:
@@ -184,7 +185,7 @@ class SqlStore:
                     return []
                 cur.execute(self._sql(sql), args)
                 return list(cur.fetchall()) if cur.description else [cur.rowcount]
-        except self.errors as exc:
+        except refused as exc:  # UnicodeError: text the database cannot encode
             raise StoreError(f"report store: {type(exc).__name__}: {exc}") from None
 
     def create(self) -> None:
@@ -459,18 +460,36 @@ class QueuedWriter:
                 else:
                     rows.append(item)
             try:
-                self.store.add_messages(rows)
+                self._write(rows)
                 if time.monotonic() >= next_prune:
                     self.store.prune(int(time.time()) - self.retention)
                     next_prune = time.monotonic() + 3600
             except StoreError as exc:
-                log.error("report store: %d row(s) not written: %s", len(rows), exc)
+                log.error("report store: %s", exc)
                 self._on_error()
             except Exception:  # a bug must not end the thread: later rows would all drop
                 log.exception("report store: %d row(s) not written", len(rows))
                 self._on_error()
             if stop:
                 return
+
+    def _write(self, rows: list[MessageRecord]) -> None:
+        """The batch; if the database refuses it, each row alone, so that one row it cannot
+        take (text it cannot encode, say) costs only itself."""
+        try:
+            self.store.add_messages(rows)
+            return
+        except StoreError as exc:
+            if len(rows) == 1:
+                raise
+            log.warning("report store: a batch of %d refused (%s): writing one by one",
+                        len(rows), exc)
+        for row in rows:
+            try:
+                self.store.add_messages([row])
+            except StoreError as exc:
+                log.error("report store: a row not written: %s", exc)
+                self._on_error()
 
     def close(self, timeout: float = 10) -> None:
         """Write what is queued, then stop the thread."""
