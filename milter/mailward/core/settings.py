@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from mailward.core.ini import DOMAIN_RE, IPNetwork, Section
 from mailward.core.verdict import Action, Quarantine, Reply
+from mailward.services.dns import parse_nameserver
 
 
 class Mode(enum.StrEnum):
@@ -193,14 +194,9 @@ def parse_url(spec: str) -> str:
     return spec
 
 
-def parse_nameserver_word(spec: str) -> tuple[str, int] | None:
-    """`IP` or `IP:PORT` (`[V6]:PORT`); empty disables."""
-    if not spec:
-        return None
-    try:
-        return str(ipaddress.ip_address(spec)), 53
-    except ValueError:
-        return parse_listen(spec)
+def parse_resolver(spec: str) -> tuple[str, int] | None:
+    """`IP` or `IP:PORT` (`[V6]:PORT`), as [dns] nameservers takes them; empty disables."""
+    return parse_nameserver(spec) if spec else None
 
 
 class StsCache(enum.StrEnum):
@@ -254,7 +250,7 @@ class StsSettings:
                                          maximum=7 * 86400),
             dane_resolver=sec.parse("dane_resolver", None, "IP or IP:PORT of a DNSSEC-"
                                     "validating resolver (empty: DANE is not looked at)",
-                                    parse_nameserver_word),
+                                    parse_resolver),
             metrics=sec.parse("metrics", cls.metrics,
                               "HOST:PORT with an IP address (empty disables)", parse_listen),
             log_level=sec.parse("log_level", "info", "one of debug, info, warning, error",

@@ -13,18 +13,16 @@ from __future__ import annotations
 import calendar
 import functools
 import gzip
-import re
 import time
 from dataclasses import dataclass
 
 from publicsuffixlist import PublicSuffixList
 
 from mailward import __version__
+from mailward.core.settings import parse_mailbox
 from mailward.reports.aggregate import Report, aggregate, render
 from mailward.services.dns import DnsError, Resolver
 from mailward.services.reportstore import SqlStore
-
-_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@([A-Za-z0-9.-]{1,253})")
 
 
 @functools.cache
@@ -76,12 +74,14 @@ def destinations(policy_domain: str, rua: str, resolver: Resolver) -> tuple[Dest
         if not uri.lower().startswith("mailto:"):
             out.append(Destination(uri, "", "not a mailto: URI"))
             continue
-        address = uri[7:].split("!", 1)[0]  # `!size` is obsolete: ignored
-        m = _ADDRESS.fullmatch(address)
-        if not m:
+        try:  # `!size` is obsolete: ignored
+            address = parse_mailbox(uri[7:].split("!", 1)[0])
+        except ValueError:
+            address = ""
+        if not address:
             out.append(Destination(uri, "", "not a mail address"))
             continue
-        target = m.group(1).lower().rstrip(".")
+        target = address.rpartition("@")[2].rstrip(".")
         if org_domain(target) != org_domain(policy_domain):
             name = f"{policy_domain}._report._dmarc.{target}"
             try:
@@ -93,7 +93,7 @@ def destinations(policy_domain: str, rua: str, resolver: Resolver) -> tuple[Dest
                 out.append(Destination(uri, "", f"external destination not verified: no "
                                                 f"v=DMARC1 record at {name}"))
                 continue
-        out.append(Destination(uri, address.lower()))
+        out.append(Destination(uri, address))
     return tuple(out)
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from dataclasses import dataclass
 from mailward.reports.aggregate import ReportError, parse
 from mailward.reports.build import org_domain
 from mailward.reports.unpack import Bomb, attachments, xml_of
+from mailward.services.background import QueueThread
 from mailward.services.reportstore import IngestedReport, SqlStore, StoreError
 
 log = logging.getLogger("mailward.reports")
@@ -103,7 +102,7 @@ def ingest_file(store: SqlStore, data: bytes, limits: Limits, *, source: str) ->
                                   detail=detail, now=now))
 
 
-class Inbox:
+class Inbox(QueueThread[tuple[bytes, str, bool, str, str]]):
     """Report mail handed over by the milter, ingested on a background thread. `submit`
     never blocks or raises: past `maxsize` waiting messages, the message is not ingested
     (it is still delivered) and `count("dropped")` says so."""
@@ -111,17 +110,13 @@ class Inbox:
     def __init__(self, store: SqlStore, limits: Limits, *,
                  count: Callable[[str], None] = lambda outcome: None,
                  maxsize: int = 100) -> None:
+        super().__init__("report-inbox", maxsize)
         self.store, self.limits, self.count = store, limits, count
-        self._queue: queue.Queue[tuple[bytes, str, bool, str, str] | None] = \
-            queue.Queue(maxsize=maxsize)
-        self._thread = threading.Thread(target=self._run, name="report-inbox", daemon=True)
-        self._thread.start()
+        self._start()
 
     def submit(self, raw: bytes, *, source: str, authenticated: bool, detail: str,
                sender_domain: str = "") -> None:
-        try:
-            self._queue.put_nowait((raw, source, authenticated, detail, sender_domain))
-        except queue.Full:
+        if not self.offer((raw, source, authenticated, detail, sender_domain)):
             log.warning("report inbox full: report mail %s not ingested", source)
             self.count("dropped")
 
@@ -142,10 +137,3 @@ class Inbox:
                 self.count(outcome)
             log.info("report mail %s (authenticated=%s): %s", source,
                      "yes" if authenticated else "no", ", ".join(outcomes))
-
-    def close(self, timeout: float = 10) -> None:
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            return
-        self._thread.join(timeout)

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailward.errors import MailwardError
+from mailward.services import sqlitedb
+from mailward.services.background import QueueThread
 
 log = logging.getLogger("mailward.reports")
 
@@ -320,27 +322,10 @@ class SqliteStore(SqlStore):
     def __init__(self, path: str) -> None:
         super().__init__()
         try:
-            self._db = sqlite3.connect(path, timeout=10, check_same_thread=False,
-                                       isolation_level=None)
-            self._wal()
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db = sqlitedb.connect(path)
         except sqlite3.Error as exc:
             raise StoreError(f"{path}: {exc}") from None
         self.create()
-
-    def _wal(self) -> None:
-        """Switch a new file to WAL. The switch needs the file to itself and SQLite does not
-        wait for that (the busy timeout does not apply): processes opening a new database
-        together retry for up to ten seconds."""
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
 
     @contextmanager
     def _cursor(self, *, schema: bool = False) -> Iterator[Any]:
@@ -421,7 +406,7 @@ def open_store(kind: str, *, sqlite_path: str = "", postgresql_url: str = "") ->
     return SqliteStore(sqlite_path)
 
 
-class QueuedWriter:
+class QueuedWriter(QueueThread[MessageRecord]):
     """Rows from the milter's threads, written by one background thread in batches.
 
     `put` never blocks and never raises: with the queue full (the database stalled) the row is
@@ -430,18 +415,15 @@ class QueuedWriter:
     def __init__(self, store: SqlStore, *, retention_days: int, maxsize: int = 20000,
                  batch: int = 500, on_drop: Callable[[], None] = lambda: None,
                  on_error: Callable[[], None] = lambda: None) -> None:
+        super().__init__("report-writer", maxsize)
         self.store = store
         self.retention = retention_days * 86400
-        self._queue: queue.Queue[MessageRecord | None] = queue.Queue(maxsize=maxsize)
         self._batch = batch
         self._on_drop, self._on_error = on_drop, on_error
-        self._thread = threading.Thread(target=self._run, name="report-writer", daemon=True)
-        self._thread.start()
+        self._start()
 
     def put(self, row: MessageRecord) -> None:
-        try:
-            self._queue.put_nowait(row)
-        except queue.Full:
+        if not self.offer(row):
             self._on_drop()
 
     def _run(self) -> None:
@@ -491,10 +473,3 @@ class QueuedWriter:
                 log.error("report store: a row not written: %s", exc)
                 self._on_error()
 
-    def close(self, timeout: float = 10) -> None:
-        """Write what is queued, then stop the thread."""
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            return
-        self._thread.join(timeout)

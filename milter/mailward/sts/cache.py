@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from mailward.core.settings import StsCache, StsSettings
 from mailward.errors import MailwardError
+from mailward.services import sqlitedb
 from mailward.sts.policy import Mode, Policy, PolicyError, valid_pattern
 
 REDIS_PREFIX = "mailward:sts:"
@@ -85,9 +86,7 @@ class SqliteCache:
 
     def __init__(self, path: str) -> None:
         try:
-            self._db = sqlite3.connect(path, timeout=5, check_same_thread=False,
-                                       isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db = sqlitedb.connect(path, timeout=5)
             self._db.execute("CREATE TABLE IF NOT EXISTS sts_policy (domain TEXT PRIMARY KEY, "
                              "expires REAL NOT NULL, entry TEXT NOT NULL)")
         except sqlite3.Error as exc:
