@@ -398,3 +398,15 @@ def test_nothing_to_override_when_dmarc_passes_or_asks_nothing(resolver: Resolve
     assert isinstance(r.outcome, DmarcOutcome)
     assert (r.result, r.action) == (Result.FAIL, Action.ACCEPT)
     assert r.outcome.arc_override == "" and props(r)["dmarc"] == "none"
+
+
+def test_a_huge_rua_is_not_kept_whole_for_reports(resolver: Resolver,
+                                                  nameserver: Nameserver) -> None:
+    uris = ",".join(f"mailto:r{i}@example.com" for i in range(10)) + ",mailto:" + "x" * 300
+    text = f"v=DMARC1; p=none; rua={uris}"
+    nameserver.add("_dmarc.huge.example", "TXT",
+                   " ".join(f'"{text[i:i + 200]}"' for i in range(0, len(text), 200)))
+    r = evaluate(resolver, "a@huge.example")
+    assert isinstance(r.outcome, DmarcOutcome)
+    assert dict(r.outcome.record)["rua"] == ",".join(f"mailto:r{i}@example.com"
+                                                     for i in range(4))

@@ -114,3 +114,13 @@ def test_an_envelope_domain_that_is_no_domain_is_left_out() -> None:
                       mail_from="b@x\udcff.example")
     row = message_record(odd, verdict(outcome(Result.PASS, aligned=("dkim:example.org",))), 1)
     assert row is not None and row.envelope_from == ""
+
+
+def test_a_hostile_record_or_message_cannot_bloat_every_row() -> None:
+    many = DkimOutcome(tuple(DkimSignature(Result.FAIL, domain=f"d{i}.example", selector="s" * 5000)
+                             for i in range(300)))
+    v = verdict(outcome(Result.PASS, aligned=("dkim:example.org",)))
+    v = Verdict(v.action, results=(v.results[0], CheckResult("dkim", Result.FAIL, outcome=many),
+                                   v.results[2]))
+    row = message_record(TX, v, 1)
+    assert row is not None and len(row.dkim) == 16 and {len(s) for _, s, _ in row.dkim} == {64}

@@ -57,6 +57,7 @@ from mailward.services.dns import BoundResolver, DnsError
 NAME = "dmarc"
 POLICIES = ("none", "quarantine", "reject")
 MAX_WALK_LABELS = 7  # §4.10 step 4: longer names are cut to 7 labels, 8 queries at most
+MAX_RUA = 4  # rua destinations kept for reports (RFC 9990 lets a receiver send to fewer)
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:\S+")
 
 log = logging.getLogger(__name__)
@@ -418,7 +419,8 @@ def evaluate_domain(author: str, ids: Identifiers, discovery: Discovery,
         ("p", record.p or "none"), ("sp", record.sp or ""), ("np", record.np or ""),
         ("adkim", record.adkim), ("aspf", record.aspf), ("testing", record.t),
         ("discovery_method", "psl" if settings.psl is not None else "treewalk"),
-        ("rua", ",".join(record.rua))) if v)
+        # the record is the sender's: a 60 KB rua must not be copied into every stored row
+        ("rua", ",".join(u for u in record.rua[:MAX_RUA] if len(u) <= 256))) if v)
     evaluated = DmarcOutcome(Result.PASS, author, found.domain, published, applied,
                              tuple(aligned), record=published_tags)
     if aligned:

@@ -12,6 +12,7 @@ from mailward.core.transaction import Transaction
 from mailward.core.verdict import Action, Result, Verdict
 from mailward.services.reportstore import MessageRecord
 
+MAX_SIGNATURES = 16  # of one message, kept in its row (a message may carry hundreds)
 _DISPOSITION = {Action.REJECT: "reject", Action.QUARANTINE: "quarantine"}
 
 
@@ -63,8 +64,8 @@ def message_record(tx: Transaction, verdict: Verdict, now: int) -> MessageRecord
         reasons=tuple(reasons),
         # d= of a signature is what the message said: one that names no domain would make
         # strict report consumers refuse the whole report, so it is left out
-        dkim=tuple((s.domain, s.selector, str(s.result)) for s in dkim.signatures
-                   if DOMAIN_RE.fullmatch(s.domain)) if dkim else (),
+        dkim=tuple((s.domain, s.selector[:64], str(s.result)) for s in dkim.signatures
+                   if DOMAIN_RE.fullmatch(s.domain))[:MAX_SIGNATURES] if dkim else (),
         spf=((identity.domain, str(identity.scope), str(identity.result))
              if identity is not None else ("", "", "")),
         policy=outcome.record)
