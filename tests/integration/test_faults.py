@@ -462,7 +462,9 @@ def test_sigterm_lets_transactions_in_flight_finish(rig: Rig) -> None:
     ar = [v for n, v in copy.headers() if n == "Authentication-Results"]
     assert len(ar) == 1 and "dmarc=pass" in ar[0], ar
     log = rig.mw.log()[log_before:]
-    assert "stopping: 1 transaction(s) in flight" in log, log
+    # the held message, and perhaps one of the stream's caught in the middle too
+    in_flight = re.search(r"stopping: (\d+) transaction\(s\) in flight", log)
+    assert in_flight is not None and int(in_flight.group(1)) >= 1, log
     assert "stopping: no transaction in flight" in log, log
 
 
