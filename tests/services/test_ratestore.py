@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -42,14 +43,18 @@ def test_cost_per_add_does_not_grow_with_the_number_of_keys() -> None:
     store = MemoryStore(clock=Clock())
     chunk, chunks = 10_000, 30
     times: list[float] = []
-    for c in range(chunks):
-        limit = 3 * min(times[:3]) if len(times) >= 3 else float("inf")
-        start = time.perf_counter()
-        for i in range(chunk):
-            store.add([f"sender{c}-{i}.example"], 1, 3600)
-            if i % 10 == 0 and time.perf_counter() - start > limit:
-                break  # already too slow: no need to wait for the rest
-        times.append(time.perf_counter() - start)
+    gc.disable()  # the collector's passes over a growing heap are not what is measured here
+    try:
+        for c in range(chunks):
+            limit = 3 * min(times[:3]) if len(times) >= 3 else float("inf")
+            start = time.perf_counter()
+            for i in range(chunk):
+                store.add([f"sender{c}-{i}.example"], 1, 3600)
+                if i % 10 == 0 and time.perf_counter() - start > limit:
+                    break  # already too slow: no need to wait for the rest
+            times.append(time.perf_counter() - start)
+    finally:
+        gc.enable()
     first, last = min(times[:3]), min(times[-3:])  # the best of three: robust to a busy CPU
     assert last < 3 * first, [f"{t * 1000:.0f} ms" for t in times]
     assert store.size == chunk * chunks
