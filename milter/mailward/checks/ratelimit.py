@@ -20,11 +20,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailward.core.check import Context, ModuleCheck, Service
 from mailward.core.ini import Section
-from mailward.core.transaction import Direction, Stage, Transaction, domain_of
+from mailward.core.transaction import Direction, IPAddress, Stage, Transaction, domain_of
 from mailward.core.verdict import Action, CheckResult, Reply, Result
 from mailward.services.ratestore import StoreSpec, StoreUnavailable
 
@@ -103,18 +104,29 @@ def _network(tx: Transaction, settings: Settings) -> str:
     if tx.client_ip is None:
         return ""
     ip = getattr(tx.client_ip, "ipv4_mapped", None) or tx.client_ip
-    prefix = settings.ipv4_prefix if ip.version == 4 else settings.ipv6_prefix
-    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+    return _prefix(ip, settings.ipv4_prefix if ip.version == 4 else settings.ipv6_prefix)
+
+
+@functools.lru_cache(maxsize=4096)
+def _prefix(ip: IPAddress, prefix: int) -> str:
+    """The client's network, e.g. 192.0.2.0/24 (the same clients come back: cached)."""
+    return str(ipaddress.ip_network((ip, prefix), strict=False))
+
+
+_VALUES: dict[str, Callable[[Transaction, Settings], str]] = {
+    "user": lambda tx, _: tx.auth_user.lower(),
+    "domain": lambda tx, _: domain_of(tx.mail_from),
+    "network": _network,
+}
 
 
 def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
     """Count this message (MAIL) or recipient (RCPT) and judge it."""
     direction = "inbound" if tx.direction is Direction.INBOUND else "outbound"
     measure = "messages" if tx.stage is Stage.MAIL else "recipients"
-    values = {"user": tx.auth_user.lower(), "domain": domain_of(tx.mail_from),
-              "network": _network(tx, settings)}
-    keys = [(kind, value, limit) for kind, value in values.items()
-            if value and (limit := settings.limit(direction, kind, measure))]
+    keys = [(kind, value, limit) for kind, value_of in _VALUES.items()
+            if (limit := settings.limit(direction, kind, measure))
+            and (value := value_of(tx, settings))]
     if not keys:
         return CheckResult(NAME, Result.NONE)
     names = [f"{direction}:{kind}:{measure}:{value}" for kind, value, _ in keys]
