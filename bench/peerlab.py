@@ -358,6 +358,7 @@ class Mailward(Milters):
     title: str = "mailward (full default chain)"
     process: MailwardProcess | None = None
     config: str = LAB_CONFIG  # the report store on (SQLite in the work directory), as shipped
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def smtpd_milters(self) -> str:
@@ -365,10 +366,14 @@ class Mailward(Milters):
 
     def start(self, dns_port: int) -> None:
         super().start(dns_port)
-        self.process = MailwardProcess(self.config, self.root, port=0, dns_port=dns_port)
+        self.process = MailwardProcess(self.config, self.root, port=0, dns_port=dns_port,
+                                       env=self.env, command=self.command())
         self.process.start()
         assert self.process.proc is not None
         self.procs["mailward"] = self.process.proc
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "mailward"]
 
     def stop(self) -> None:
         if self.process is not None:
@@ -391,12 +396,46 @@ class MailwardNoReports(Mailward):
     config: str = merge_ini(LAB_CONFIG, "[reports]\nstore = off\n")
 
 
+# Where the Debian package puts the libraries it bundles (packaging/debian/vendor.txt)
+DEB_PRIVATE = Path("/usr/lib/mailward/python")
+
+
+@dataclass
+class MailwardDebian(Mailward):
+    """The same code (working tree, or --at REV) run as the .deb runs it: Debian 12's
+    /usr/bin/python3, its python3-* packages and the libraries the package bundles."""
+
+    name: str = "mw-deb"
+    title: str = "mailward on Debian's python3 and libraries (.deb)"
+
+    def command(self) -> list[str]:
+        if not DEB_PRIVATE.is_dir():
+            raise RuntimeError(f"{DEB_PRIVATE} is missing: install the .deb first (make bench "
+                               "does), or leave out the variant mw-deb")
+        source = os.environ.get("PYTHONPATH") or str(Path(__file__).resolve().parents[1]
+                                                     / "milter")
+        self.env = {**self.env, "PYTHONPATH": os.pathsep.join([source, str(DEB_PRIVATE)])}
+        return ["/usr/bin/python3", "-m", "mailward"]
+
+
+@dataclass
+class MailwardExperiment(Mailward):
+    """EXPERIMENT: mailward with $BENCH_MW_ENV (K=V,...) and $BENCH_MW_INI merged in."""
+
+    name: str = "mw-exp"
+    title: str = "mailward, experiment"
+    config: str = merge_ini(LAB_CONFIG, os.environ.get("BENCH_MW_INI", "").replace("\\n", "\n"))
+    env: dict[str, str] = field(default_factory=lambda: dict(
+        kv.split("=", 1) for kv in os.environ.get("BENCH_MW_ENV", "").split(",") if kv))
+
+
 @dataclass
 class NullMilter(Milters):
     """bench/nullmilter.py: pymilter with mailward's callbacks, no policy, one header."""
 
     name: str = "null"
     title: str = "null pymilter milter"
+    script: Path = NULLMILTER
 
     @property
     def smtpd_milters(self) -> str:
@@ -407,12 +446,21 @@ class NullMilter(Milters):
         sock = self.root / "null.sock"
         with open(self.root / "nullmilter.log", "ab") as log:
             self.procs["nullmilter"] = subprocess.Popen(
-                [sys.executable, str(NULLMILTER), f"unix:{sock}"], stdout=log, stderr=log)
+                [sys.executable, str(self.script), f"unix:{sock}"], stdout=log, stderr=log)
         wait_for_port(sock)
         sock.chmod(0o666)  # the bench's private socket, for Postfix's cleanup
 
     def check(self, fields: list[tuple[str, str]]) -> str:
         return "" if any(n.lower() == "x-null-milter" for n, _ in fields) else "no X-Null-Milter"
+
+
+@dataclass
+class AsyncNull(NullMilter):
+    """PROTOTYPE: bench/asyncnull.py, the null milter on an asyncio protocol loop."""
+
+    name: str = "null-async"
+    title: str = "null milter, asyncio protocol"
+    script: Path = Path(__file__).with_name("asyncnull.py")
 
 
 OPENDKIM_CONF = """\

@@ -41,9 +41,12 @@ from peerlab import (
     DOMAIN,
     SELECTOR,
     WORK_ENV,
+    AsyncNull,
     CChain,
     Maillog,
     Mailward,
+    MailwardDebian,
+    MailwardExperiment,
     MailwardNoReports,
     Milters,
     NullMilter,
@@ -369,7 +372,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--sessions", default="1,8,32", help="smtp-source session counts")
     ap.add_argument("--large", help="messages per window of 100 KB, 1 MB and 5 MB bodies "
                     "(default 200,50,20; 0: skip)")
-    ap.add_argument("--variants", default=",".join(KINDS),
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                     help="a subset, for debugging (the ratios need none and c-chain)")
     ap.add_argument("--quick", action="store_true", help="smoke run: defaults of 1 round, "
                     "200 messages, large corpus 20,10,4")
@@ -391,8 +394,11 @@ def parse_args() -> argparse.Namespace:
 
 
 KINDS: dict[str, type[Milters]] = {"none": Milters, "mailward": Mailward,
-                                   "mw-norep": MailwardNoReports,
-                                   "c-chain": CChain, "null": NullMilter}
+                                   "mw-deb": MailwardDebian, "mw-norep": MailwardNoReports,
+                                   "c-chain": CChain, "null": NullMilter,
+                                   # by hand only (--variants): see bench/README.md
+                                   "null-async": AsyncNull, "mw-exp": MailwardExperiment}
+DEFAULT_VARIANTS = ["none", "mailward", "mw-deb", "mw-norep", "c-chain", "null"]
 
 
 def start_setups(stack: contextlib.ExitStack, work: Path, variants: list[str],

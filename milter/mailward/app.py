@@ -19,6 +19,7 @@ config on reload is logged and the running one kept.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -42,6 +43,27 @@ log = logging.getLogger(__name__)
 
 STOP_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 BLOCKED = {*STOP_SIGNALS, signal.SIGUSR1}
+
+# glibc's mallopt parameter M_ARENA_MAX (malloc.h), and the arenas the milter keeps
+M_ARENA_MAX = -8
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas (the environment's MALLOC_ARENA_MAX, if set, wins).
+
+    glibc gives threads that allocate at the same time arenas of their own, up to 8 per CPU;
+    libmilter runs a thread per connection, so under load each arena keeps its own free
+    memory: 2 MiB of peak RSS at 8 and 32 sessions (bench/README.md), no CPU cost measured.
+    Returns whether the cap was set (False on another libc, or when the environment says)."""
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    try:
+        import ctypes  # noqa: PLC0415 (only here: 0.4 MiB that nothing else needs)
+
+        return bool(ctypes.CDLL(None).mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
 
 
 class App:
@@ -133,6 +155,7 @@ class App:
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT/SIGHUP, then stop gracefully."""
         cfg = self.config
+        limit_malloc_arenas()  # before the first thread
         self.setup_warnings()
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._on_stop_signal)
