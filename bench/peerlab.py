@@ -366,8 +366,9 @@ class Mailward(Milters):
 
     def start(self, dns_port: int) -> None:
         super().start(dns_port)
+        command = self.command()  # first: it may add to the environment
         self.process = MailwardProcess(self.config, self.root, port=0, dns_port=dns_port,
-                                       env=self.env, command=self.command())
+                                       env=self.env, command=command)
         self.process.start()
         assert self.process.proc is not None
         self.procs["mailward"] = self.process.proc
