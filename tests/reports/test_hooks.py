@@ -38,3 +38,17 @@ def test_a_store_that_is_not_there_yet_is_retried(tmp_path: Path) -> None:
     finally:
         reporting.close()
     assert len(SqliteStore(str(where / "r.sqlite")).messages(0, 2**40)) == 1
+
+
+def test_the_milter_keeps_a_small_page_cache(tmp_path: Path) -> None:
+    """The milter's store only appends rows: SQLite's page cache is 256 KiB there (1.8 MiB
+    less resident after 20,000 rows), not its default 2,000, which reports build and show
+    keep for their queries."""
+    path = str(tmp_path / "r.sqlite")
+    reporting = Reporting(ReportsSettings(sqlite_path=path), Metrics())
+    try:
+        assert isinstance(reporting.store, SqliteStore)
+        assert reporting.store._db.execute("PRAGMA cache_size").fetchone()[0] == -256
+    finally:
+        reporting.close()
+    assert SqliteStore(path)._db.execute("PRAGMA cache_size").fetchone()[0] == -2000

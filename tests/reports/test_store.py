@@ -241,3 +241,4 @@ def test_a_row_the_database_cannot_take_costs_only_itself(tmp_path: Path) -> Non
         writer.put(message(i))
     writer.close()
     assert len(store.messages(0, 2**40)) == 400 and errors == [1]
+

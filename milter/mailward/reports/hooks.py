@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from mailward.reports.ingest import Inbox
 
 SENT_STATUSES = ("sent", "failed", "skipped")
+MILTER_CACHE_KIB = 256  # the milter appends rows and reads little: a small SQLite page cache
 
 log = logging.getLogger("mailward.reports")
 
@@ -63,7 +64,7 @@ class Reporting:
     def _open(self) -> None:
         s, metrics = self.settings, self._metrics
         store = open_store(str(s.store), sqlite_path=s.sqlite_path,
-                           postgresql_url=s.postgresql_url)
+                           postgresql_url=s.postgresql_url, sqlite_cache_kib=MILTER_CACHE_KIB)
         writer = QueuedWriter(
             store, retention_days=s.retention,
             on_drop=lambda: metrics.report_rows.labels(outcome="dropped").inc(),

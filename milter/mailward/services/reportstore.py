@@ -319,10 +319,14 @@ class SqlStore:
 class SqliteStore(SqlStore):
     errors = (sqlite3.Error,)
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, cache_kib: int = 0) -> None:
+        """`cache_kib`: SQLite's page cache, if not its default of 2,000 KiB (the milter,
+        which only appends rows, keeps 256: 1.8 MiB less resident after 20,000 rows)."""
         super().__init__()
         try:
             self._db = sqlitedb.connect(path)
+            if cache_kib:
+                self._db.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
         except sqlite3.Error as exc:
             raise StoreError(f"{path}: {exc}") from None
         self.create()
@@ -400,10 +404,11 @@ class PostgresStore(SqlStore):
         self._db.close()
 
 
-def open_store(kind: str, *, sqlite_path: str = "", postgresql_url: str = "") -> SqlStore:
+def open_store(kind: str, *, sqlite_path: str = "", postgresql_url: str = "",
+               sqlite_cache_kib: int = 0) -> SqlStore:
     if kind == "postgresql":
         return PostgresStore(postgresql_url)
-    return SqliteStore(sqlite_path)
+    return SqliteStore(sqlite_path, cache_kib=sqlite_cache_kib)
 
 
 class QueuedWriter(QueueThread[MessageRecord]):
