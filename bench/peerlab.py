@@ -420,6 +420,17 @@ class MailwardDebian(Mailward):
 
 
 @dataclass
+class MailwardAsync(Mailward):
+    """bench/asyncmw.py: mailward's adapter on an asyncio protocol loop (measurement only)."""
+
+    name: str = "mw-async"
+    title: str = "mailward's adapter on an asyncio protocol loop (prototype)"
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(Path(__file__).with_name("asyncmw.py"))]
+
+
+@dataclass
 class MailwardExperiment(Mailward):
     """EXPERIMENT: mailward with $BENCH_MW_ENV (K=V,...) and $BENCH_MW_INI merged in."""
 

@@ -45,6 +45,7 @@ from peerlab import (
     CChain,
     Maillog,
     Mailward,
+    MailwardAsync,
     MailwardDebian,
     MailwardExperiment,
     MailwardNoReports,
@@ -397,7 +398,8 @@ KINDS: dict[str, type[Milters]] = {"none": Milters, "mailward": Mailward,
                                    "mw-deb": MailwardDebian, "mw-norep": MailwardNoReports,
                                    "c-chain": CChain, "null": NullMilter,
                                    # by hand only (--variants): see bench/README.md
-                                   "null-async": AsyncNull, "mw-exp": MailwardExperiment}
+                                   "null-async": AsyncNull, "mw-async": MailwardAsync,
+                                   "mw-exp": MailwardExperiment}
 DEFAULT_VARIANTS = ["none", "mailward", "mw-deb", "mw-norep", "c-chain", "null"]
 
 
