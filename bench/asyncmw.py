@@ -16,6 +16,7 @@ time out idle MTAs; this does none of it, and it speaks only what Postfix sends 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import struct
@@ -32,6 +33,11 @@ NOREPLY = Milter.P_NR_CONN | Milter.P_NR_HELO | Milter.P_NR_HDR | Milter.P_NR_BO
 SKIP = Milter.P_NOEOH | Milter.P_NODATA | Milter.P_NOUNKNOWN
 CODES = {Milter.CONTINUE: b"c", Milter.ACCEPT: b"a", Milter.REJECT: b"r",
          Milter.TEMPFAIL: b"t", Milter.DISCARD: b"d"}
+
+
+# ASYNCMW_POOL=N: stages that may wait (MAIL, RCPT, end of message) run in N threads
+POOL = (concurrent.futures.ThreadPoolExecutor(int(os.environ["ASYNCMW_POOL"]))
+        if os.environ.get("ASYNCMW_POOL") else None)
 
 
 def packet(cmd: bytes, data: bytes = b"") -> bytes:
@@ -87,6 +93,7 @@ class Connection(asyncio.Protocol):
         self.ctx = Ctx()
         self.milter = self._new()
         self.protocol = 0
+        self.busy = False
 
     def _new(self) -> MailwardMilter:
         milter = MailwardMilter(self.runtime)
@@ -102,21 +109,47 @@ class Connection(asyncio.Protocol):
         self.milter.close()
 
     def data_received(self, data: bytes) -> None:
+        self.buf = self.buf + data if self.buf else data
+        if not self.busy:
+            self.run()
+
+    def run(self) -> None:
         assert self.transport is not None
-        buf = self.buf + data if self.buf else data
+        buf = self.buf
         pos, end, out = 0, len(buf), []
         while end - pos >= 4:
             (length,) = struct.unpack_from(">I", buf, pos)
             if end - pos - 4 < length:
                 break
-            reply = self.command(buf[pos + 4:pos + 5], buf[pos + 5:pos + 4 + length])
+            cmd, body = buf[pos + 4:pos + 5], buf[pos + 5:pos + 4 + length]
             pos += 4 + length
+            if POOL is not None and cmd in b"MRE":
+                self.buf = buf[pos:]
+                if out:
+                    self.transport.write(b"".join(out))
+                self.busy = True
+                self.transport.pause_reading()
+                fut = asyncio.get_running_loop().run_in_executor(POOL, self.command, cmd, body)
+                fut.add_done_callback(self.done)
+                return
+            reply = self.command(cmd, body)
             if reply is None:
                 self.transport.close()
                 return
             out.append(reply)
         self.buf = buf[pos:]
         self.transport.write(b"".join(out))
+
+    def done(self, fut: asyncio.Future[bytes | None]) -> None:
+        assert self.transport is not None
+        self.busy = False
+        reply = fut.result()
+        if reply is None or self.transport.is_closing():
+            self.transport.close()
+            return
+        self.transport.write(reply)
+        self.transport.resume_reading()
+        self.run()
 
     def answer(self, rc: int) -> bytes:
         if rc == Milter.NOREPLY:
