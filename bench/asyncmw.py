@@ -116,7 +116,7 @@ class Connection(asyncio.Protocol):
     def run(self) -> None:
         assert self.transport is not None
         buf = self.buf
-        pos, end, out = 0, len(buf), []
+        pos, end, out = 0, len(buf), list[bytes]()
         while end - pos >= 4:
             (length,) = struct.unpack_from(">I", buf, pos)
             if end - pos - 4 < length:
