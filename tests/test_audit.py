@@ -157,6 +157,7 @@ def ini(tmp_path: Path, nameserver: Nameserver, domains: str, extra: str = "",
         policies: Policies | None = None) -> str:
     path = tmp_path / "mailward.ini"
     sts = (f"[sts]\nca_file = {policies.ca_file}\nhttps_port = {policies.server.port}\n"
+           "allow_private_addresses = yes\n"
            f"fetch_timeout = 3\n" if policies else "")
     path.write_text(f"[milter]\nauthserv_id = mx.good.example\nlocal_domains = {domains}\n"
                     f"[dns]\nnameservers = 127.0.0.1:{nameserver.port}\n{sts}{extra}")

@@ -207,7 +207,8 @@ def test_trace_rewriting_leaves_no_private_address(parts: list[str]) -> None:
 INI_KEYS = st.sampled_from(["socket", "mode", "checks", "timeout", "budget", "listen",
                             "trusted_networks", "enabled", "reject_reply", "limits", "keys",
                             "nameservers", "spool_threshold", "bogus", "cache", "redis_url",
-                            "dane_resolver", "ca_file", "map_name", "max_policy_size"])
+                            "dane_resolver", "ca_file", "map_name", "max_policy_size",
+                            "allow_private_addresses"])
 INI_SECTIONS = st.sampled_from(["milter", "dns", "metrics", "policy", "check.tls",
                                 "check.dmarc", "check.ratelimit", "check.spam", "sts"])
 

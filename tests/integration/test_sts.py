@@ -144,7 +144,8 @@ def stsnet() -> Iterator[StsNet]:
         ini = root / "mailward.ini"
         ini.write_text(f"[dns]\nnameservers = 127.0.0.1:53\ntimeout = 1\nlifetime = 2\n"
                        f"[sts]\nlisten = unix:{socket_path}\ncache_path = {root / 'sts.sqlite'}\n"
-                       f"ca_file = {ca.ca_file}\nfetch_timeout = 5\n")
+                       f"ca_file = {ca.ca_file}\nfetch_timeout = 5\n"
+                       "allow_private_addresses = yes\n")  # the lab's hosts: 127.0.0.x
         service_log = root / "sts.log"
         with service_log.open("w") as log:
             service = subprocess.Popen(netns.command(sys.executable, "-m", "mailward", "sts",

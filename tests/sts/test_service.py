@@ -89,7 +89,8 @@ def world(request: pytest.FixtureRequest, nameserver: Nameserver, https: PolicyS
     else:
         settings = StsSettings(cache_path=str(tmp_path / "sts.sqlite"))
     settings = dataclasses.replace(settings, ca_file=str(ca.ca_file), https_port=https.port,
-                                   fetch_timeout=2, refresh_interval=60)
+                                   fetch_timeout=2, refresh_interval=60,
+                                   allow_private_addresses=True)  # the lab is on loopback
     cache = open_cache(settings)
     cache.purge()
     return World(nameserver, https, settings, Clock(), StsMetrics(), cache)
@@ -155,6 +156,25 @@ def test_a_failed_fetch_is_not_retried_by_every_lookup(world: World) -> None:
     world.https.sites["mta-sts.sts.test"] = Site(ENFORCE.encode())
     world.clock.now += 301
     assert service.lookup("sts.test").kind == "secure"
+
+
+def test_a_policy_host_on_a_private_address_is_not_connected_to(world: World) -> None:
+    """Whoever can make our MTA send to their domain (a bounce will do) must not have the
+    service connect inside our network: mta-sts.DOMAIN on 127.0.0.1, a private or a link-local
+    address is not fetched from unless allow_private_addresses says so."""
+    world.publish("sts.test", ENFORCE)
+    world.dns.add("mta-sts.sts.test", "A", "10.1.2.3")
+    world.dns.add("mta-sts.sts.test", "AAAA", "fe80::1")
+    answer = world.service(allow_private_addresses=False).lookup("sts.test")
+    assert answer.kind == "nopolicy" and world.fetches("private_address") == 1
+    assert world.https.hits == {}  # nothing reached the policy server on 127.0.0.1
+    # allowed (as the lab is), on 127.0.0.1 only, it is fetched once the back-off is over
+    for key in [k for k in world.dns.rrsets if k[0].to_text() == "mta-sts.sts.test."]:
+        del world.dns.rrsets[key]
+    world.publish("sts.test", ENFORCE)
+    world.clock.now += 301
+    assert world.service().lookup("sts.test").kind == "secure"
+    assert world.https.hits == {"mta-sts.sts.test": 1}
 
 
 def test_a_certificate_for_another_name_is_refused(world: World, ca: TestCA) -> None:
@@ -326,7 +346,8 @@ def test_query_and_purge_commands(world: World, tmp_path: Path) -> None:
              if world.settings.cache is StsCache.REDIS
              else f"cache_path = {world.settings.cache_path}\n")
     ini.write_text(f"[dns]\nnameservers = 127.0.0.1:{world.dns.port}\n[sts]\n{store}"
-                   f"ca_file = {world.settings.ca_file}\nhttps_port = {world.https.port}\n")
+                   f"ca_file = {world.settings.ca_file}\nhttps_port = {world.https.port}\n"
+                   "allow_private_addresses = yes\n")
 
     def mailward(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "mailward", "sts", *args, "-c", str(ini)],

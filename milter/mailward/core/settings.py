@@ -223,6 +223,7 @@ class StsSettings:
     max_policy_size: int = 64 * 1024
     refresh_interval: float = 3600.0
     dane_resolver: tuple[str, int] | None = None
+    allow_private_addresses: bool = False
     metrics: tuple[str, int] | None = ("127.0.0.1", 9896)
     log_level: str = "info"
 
@@ -251,6 +252,8 @@ class StsSettings:
             dane_resolver=sec.parse("dane_resolver", None, "IP or IP:PORT of a DNSSEC-"
                                     "validating resolver (empty: DANE is not looked at)",
                                     parse_resolver),
+            allow_private_addresses=sec.boolean("allow_private_addresses",
+                                                cls.allow_private_addresses),
             metrics=sec.parse("metrics", cls.metrics,
                               "HOST:PORT with an IP address (empty disables)", parse_listen),
             log_level=sec.parse("log_level", "info", "one of debug, info, warning, error",

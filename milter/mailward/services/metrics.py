@@ -102,8 +102,8 @@ class Metrics:
 
 
 STS_ANSWERS = ("secure", "dane", "testing", "none", "nopolicy", "notadomain", "temp")
-STS_FETCHES = ("ok", "dns_error", "connect_error", "tls_error", "http_error", "timeout",
-               "too_large", "invalid")
+STS_FETCHES = ("ok", "dns_error", "private_address", "connect_error", "tls_error",
+               "http_error", "timeout", "too_large", "invalid")
 STS_REFRESHES = ("unchanged", "refetched", "failed", "dropped")
 
 

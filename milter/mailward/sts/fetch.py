@@ -5,13 +5,17 @@ The HTTPS fetch trusts nothing it is sent: the host name `mta-sts.DOMAIN` is res
 resolver and the certificate checked against it (the system's CAs, plus `[sts] ca_file`); a
 redirect is a failure (RFC 8461 §3.3); the whole exchange has one deadline and one byte limit,
 so a server that trickles bytes or sends too many is cut off; the response is parsed only once
-it is in memory.
+it is in memory. Addresses that are not public (loopback, private, link-local, documentation
+ranges) are not connected to unless `[sts] allow_private_addresses` says so: whoever sends
+mail that bounces to their domain would otherwise have the service open connections inside
+our network for them.
 """
 
 from __future__ import annotations
 
 import http.client
 import io
+import ipaddress
 import socket
 import ssl
 import time
@@ -87,6 +91,14 @@ def fetch_policy(domain: str, resolver: Resolver, settings: StsSettings,
             failure = str(exc)
     if not addresses:
         raise FetchError("dns_error", failure or f"{host} has no address")
+    if not settings.allow_private_addresses:
+        public = [a for a in addresses if ipaddress.ip_address(a).is_global]
+        if not public:
+            raise FetchError("private_address",
+                             f"{host} resolves only to addresses that are not public "
+                             f"({', '.join(addresses[:MAX_ADDRESSES])}): not fetched "
+                             "([sts] allow_private_addresses)")
+        addresses = public
     limit = settings.max_policy_size + HEADER_ALLOWANCE
     last = FetchError("connect_error", f"{host}: no address answered")
     for address in addresses[:MAX_ADDRESSES]:
