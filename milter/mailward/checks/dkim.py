@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
+import re
 import time
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ from mailward.core.dkimglue import (
     ALGORITHMS,
     MIN_RSA_BITS,
     WSP,
+    HeaderDKIM,
     body_hashes,
     body_key,
     header_dkim,
@@ -62,6 +64,8 @@ dkimcrypto.install()  # dkimpy's RSA through OpenSSL (services/dkimcrypto.py)
 
 NAME = "dkim"
 FIELD = "DKIM-Signature"
+FIELD_BYTES = FIELD.lower().encode()
+SIGNED_SPLIT = re.compile(rb"\s*:\s*")  # h= as dkimpy splits it
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +168,19 @@ def _prepare(index: int, value: str, *, resolver: BoundResolver, settings: Setti
     return _Pending(index, sig, tags, record)
 
 
-def _crypto(message: dkimpy.DKIM, p: _Pending, body: BodyHash, settings: Settings) -> Problem:
-    """The body hash (ours), then the header signature (dkimpy); then judge l=."""
+def _crypto(message: HeaderDKIM, p: _Pending, body: BodyHash, settings: Settings) -> Problem:
+    """The body hash (ours), then the header signature (dkimpy); then judge l=.
+
+    dkimpy is handed the tags `_prepare` parsed and validated, and the signature field as
+    received (which it hashes with b= emptied): its own `verify` would parse and validate
+    the field a second time."""
     if body.digest() != base64.b64decode(WSP.sub(b"", p.tags[b"bh"])):
         return Result.FAIL, "body hash mismatch"
+    fields = [f for f in message.headers if f[0].lower() == FIELD_BYTES]
+    signed = [name.lower() for name in SIGNED_SPLIT.split(p.tags[b"h"])]
     try:
-        ok = message.verify(idx=p.index, dnsfunc=lambda *_a, **_k: p.record)
+        ok = message.verify_sig(p.tags, signed, fields[p.index],
+                                lambda *_a, **_k: p.record)
     except dkimpy.ValidationError as exc:
         return Result.FAIL, str(exc).split(" (")[0]
     except (dkimpy.DKIMException, ValueError, TypeError, IndexError) as exc:
