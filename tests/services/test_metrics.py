@@ -27,3 +27,18 @@ def test_series_that_alerts_use_exist_at_zero_from_the_start() -> None:
     assert 'mailward_dmarc_failures_total{policy="reject"} 0.0' in text
     assert 'mailward_errors_total{stage="eom"} 0.0' in text
     assert 'mailward_config_reloads_total{outcome="failed"} 0.0' in text
+
+
+def test_cached_children_count_into_the_same_series() -> None:
+    m = Metrics()
+    for _ in range(3):
+        m.observe_check("dkim", 0.002)
+        m.count_result("dkim", "pass")
+    m.count_result("dkim", "fail")
+    m.check_results.labels(check="dkim", result="pass").inc()  # the usual way: one series
+    sample = m.registry.get_sample_value
+    assert sample("mailward_check_duration_seconds_count", {"check": "dkim"}) == 3
+    assert sample("mailward_check_duration_seconds_bucket", {"check": "dkim", "le": "0.001"}) == 0
+    assert sample("mailward_check_duration_seconds_bucket", {"check": "dkim", "le": "0.0025"}) == 3
+    assert sample("mailward_check_results_total", {"check": "dkim", "result": "pass"}) == 4
+    assert sample("mailward_check_results_total", {"check": "dkim", "result": "fail"}) == 1

@@ -386,7 +386,7 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
         self.tx = self.conn
 
     def _observe(self, check: str, result: CheckResult, seconds: float) -> None:
-        self.runtime.metrics.check_duration.labels(check=check).observe(seconds)
+        self.runtime.metrics.observe_check(check, seconds)
 
     def _early(self, stage: Stage, tx: Transaction) -> int:
         """Run the checks of MAIL or RCPT; act only on a reject or tempfail."""
@@ -466,7 +466,7 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
         m = self.runtime.metrics
         m.messages.labels(direction=str(tx.direction), verdict=str(verdict.action)).inc()
         for r in verdict.results:
-            m.check_results.labels(check=r.check, result=str(r.result)).inc()
+            m.count_result(r.check, str(r.result))
             if r.would is not None:
                 m.monitor_actions.labels(check=r.check, action=str(r.would)).inc()
             if isinstance(r.outcome, DmarcOutcome) and r.outcome.result is Result.FAIL:

@@ -5,6 +5,8 @@ Labels are bounded: check names, result words, verdicts and stages; never addres
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from mailward import __version__
@@ -43,6 +45,8 @@ class Metrics:
             "mailward_check_duration_seconds", "Time spent in each check.", ["check"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r)
+        self._check_timers: dict[str, Any] = {}
+        self._check_counts: dict[tuple[str, str], Any] = {}
         self.connections_active = Gauge("mailward_connections_active",
                                         "MTA connections being served.", registry=r)
         self.errors = Counter("mailward_errors", "Unexpected errors, by protocol stage.",
@@ -95,6 +99,22 @@ class Metrics:
             self.report_rows.labels(outcome=outcome)
         for outcome in REPORTS_INGESTED:
             self.reports_ingested.labels(outcome=outcome)
+
+    def observe_check(self, check: str, seconds: float) -> None:
+        """One check's time: its histogram child looked up once per name, not per message
+        (prometheus-client's `labels` validates and locks on every call)."""
+        child = self._check_timers.get(check)
+        if child is None:
+            child = self._check_timers.setdefault(check, self.check_duration.labels(check=check))
+        child.observe(seconds)
+
+    def count_result(self, check: str, result: str) -> None:
+        """One check result, with the counter child cached likewise."""
+        child = self._check_counts.get((check, result))
+        if child is None:
+            child = self._check_counts.setdefault(
+                (check, result), self.check_results.labels(check=check, result=result))
+        child.inc()
 
     def serve(self, host: str, port: int) -> None:
         """Serve /metrics on host:port in a daemon thread."""
