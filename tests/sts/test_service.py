@@ -23,6 +23,7 @@ from mailward.services.dns import DnsSettings, Resolver
 from mailward.services.metrics import StsMetrics
 from mailward.sts import netstring
 from mailward.sts.cache import Cache, RedisCache, SqliteCache, open_cache
+from mailward.sts.fetch import is_public
 from mailward.sts.service import PolicyService, make_server
 
 ENFORCE = "version: STSv1\nmode: enforce\nmx: mx1.sts.test\nmx: *.pool.sts.test\nmax_age: 86400\n"
@@ -175,6 +176,17 @@ def test_a_policy_host_on_a_private_address_is_not_connected_to(world: World) ->
     world.clock.now += 301
     assert world.service().lookup("sts.test").kind == "secure"
     assert world.https.hits == {"mta-sts.sts.test": 1}
+
+
+@pytest.mark.parametrize(("address", "public"), [
+    ("8.8.8.8", True), ("2606:4700::1111", True), ("64:ff9b::8.8.8.8", True),
+    ("::ffff:8.8.8.8", True),
+    ("127.0.0.1", False), ("10.1.2.3", False), ("192.168.0.1", False), ("100.64.0.1", False),
+    ("169.254.1.1", False), ("192.0.2.1", False), ("0.0.0.0", False), ("::1", False),
+    ("fe80::1", False), ("fc00::1", False), ("2001:db8::1", False), ("::ffff:10.1.2.3", False),
+    ("64:ff9b::10.1.2.3", False), ("64:ff9b::127.0.0.1", False)])
+def test_which_addresses_are_public(address: str, public: bool) -> None:
+    assert is_public(address) is public
 
 
 def test_a_certificate_for_another_name_is_refused(world: World, ca: TestCA) -> None:

@@ -46,6 +46,18 @@ class FetchError(Exception):
         self.detail = detail
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: IPv4 addresses inside IPv6
+
+
+def is_public(address: str) -> bool:
+    """Whether `address` is a public Internet address, including the IPv4 address a NAT64
+    address stands for (Python counts 64:ff9b::10.1.2.3 as global)."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip in NAT64:
+        ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip.is_global
+
+
 def txt_id(domain: str, resolver: Resolver) -> str | None:
     """The policy id published at `_mta-sts.DOMAIN`, or None: no usable record. A DNS failure
     raises DnsError (the caller keeps what it has)."""
@@ -92,7 +104,7 @@ def fetch_policy(domain: str, resolver: Resolver, settings: StsSettings,
     if not addresses:
         raise FetchError("dns_error", failure or f"{host} has no address")
     if not settings.allow_private_addresses:
-        public = [a for a in addresses if ipaddress.ip_address(a).is_global]
+        public = [a for a in addresses if is_public(a)]
         if not public:
             raise FetchError("private_address",
                              f"{host} resolves only to addresses that are not public "
