@@ -10,7 +10,7 @@ DEB_LAB = postfix openssl
 # systemd-analyze to check the unit file, promtool (in prometheus) to check the alerts, and
 # what the private Sendmail needs (lab/sendmail.py fetches Sendmail itself, unpacked, as
 # sendmail-bin conflicts with postfix).
-DEB_TEST = redis-server systemd prometheus m4 libwrap0 postgresql chromium
+DEB_TEST = redis-server systemd prometheus m4 libwrap0 postgresql chromium groff-base
 
 .PHONY: demo test lint deps test-deps venv clean fuzz bench-memory soak bench docs deb test-deb
 
@@ -94,6 +94,7 @@ bench: deps deb
 docs: venv
 	$(VENV)/bin/mailward docs config > docs/configuration.md
 	$(VENV)/bin/mailward docs metrics > docs/metrics.md
+	$(VENV)/bin/mailward docs man > docs/mailward.8
 
 clean:
 	rm -rf $(VENV) build *.egg-info milter/*.egg-info .pytest_cache .mypy_cache .ruff_cache

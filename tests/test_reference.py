@@ -4,7 +4,9 @@ references and the migration notes must agree with it."""
 
 from __future__ import annotations
 
+import argparse
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,33 @@ def test_the_committed_references_are_what_the_code_generates() -> None:
         reference.configuration_md(REGISTRY, CONF, cli.REFERENCE_LOADERS), REGENERATE
     assert (REPO / "docs" / "metrics.md").read_text() == \
         reference.metrics_md([Metrics(), StsMetrics()]), REGENERATE
+
+
+def test_the_committed_manual_page_is_what_the_code_generates() -> None:
+    assert (REPO / "docs" / "mailward.8").read_text() == \
+        reference.man_page(cli.build_parser()), REGENERATE
+
+
+def test_the_manual_page_names_every_command_and_option_and_renders_cleanly() -> None:
+    page = reference.man_page(cli.build_parser())
+    commands = next(a for a in cli.build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        assert f'.SS "{reference.roff(name)}"' in page, name
+        for action in sub._actions:
+            for option in action.option_strings:
+                if option not in ("-h", "--help"):
+                    assert f"\\fB{reference.roff(option)}\\fR" in page, (name, option)
+    groff = subprocess.run(["groff", "-ww", "-z", "-man"], input=page, capture_output=True,
+                           text=True, check=False)
+    assert groff.returncode == 0 and groff.stderr == "", groff.stderr
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (".TH injected", "\\&.TH injected"), ("'quote", "\\&'quote"),
+    ("a\\b-c", "a\\eb\\-c"), ("two\n.lines", "two\n\\&.lines")])
+def test_roff_text_cannot_become_a_request(text: str, expected: str) -> None:
+    assert reference.roff(text) == expected
 
 
 def test_the_configuration_reference_lists_every_key_with_its_form_and_default() -> None:

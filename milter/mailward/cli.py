@@ -1,4 +1,9 @@
-"""The `mailward` command: run, check-config, scan, keygen, demo."""
+"""mailward is a mail filter (milter) for Postfix and Sendmail. For each SMTP transaction
+it runs a chain of checks (TLS required, SPF, DKIM, ARC, DMARC, forged Authentication-Results,
+Bcc and trace headers, sender identity, rate limits) and answers accept, reject, tempfail or
+quarantine, with an Authentication-Results field that says why. Around the milter: DKIM and ARC
+signing keys, an MTA-STS policy service for Postfix's SMTP client, DMARC aggregate reports
+in both directions, and an audit of the MTA and its domains."""
 
 from __future__ import annotations
 
@@ -283,6 +288,9 @@ def cmd_docs(args: argparse.Namespace) -> int:
     if args.what == "metrics":
         sys.stdout.write(reference.metrics_md([Metrics(), StsMetrics()]))
         return 0
+    if args.what == "man":
+        sys.stdout.write(reference.man_page(build_parser()))
+        return 0
     with open(args.annotated, encoding="utf-8") as fh:
         sys.stdout.write(reference.configuration_md(REGISTRY, fh.read(), REFERENCE_LOADERS))
     return 0
@@ -331,16 +339,16 @@ def _add_reports_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                         "reports fetched elsewhere (XML, gzip, zip); show: who sends as our "
                         "domains; html --out FILE: the same as a page")
     p.add_argument("files", nargs="*", help="ingest: report files")
-    p.add_argument("-c", "--config", default="")
+    p.add_argument("-c", "--config", default="", help=OPTIONAL_CONFIG_HELP)
     p.add_argument("--period", default="yesterday", help="build: yesterday, today or "
                                                          "YYYY-MM-DD (UTC)")
     p.add_argument("--send", action="store_true", help="build: mail them through [reports] "
                                                        "relay")
     p.add_argument("--out", default="", help="build: a directory for the .xml.gz files; "
                                              "html: the file")
-    p.add_argument("--domain", default="")
+    p.add_argument("--domain", default="", help="show/html: one of our domains only")
     p.add_argument("--since", default="7d", help="show/html: 7d, 24h or YYYY-MM-DD")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.add_argument("--unauthenticated", action="store_true",
                    help="show: only reports whose mail did not pass DMARC (maybe forged)")
     p.add_argument("--rejected", action="store_true",
@@ -355,12 +363,17 @@ def _add_sts_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="run: serve [sts] listen; query [DOMAIN...]: the answer Postfix gets "
                         "and where it comes from (no domain: list the cache); purge "
                         "[DOMAIN...]: drop cached policies (all without a domain)")
-    p.add_argument("domain", nargs="*")
-    p.add_argument("-c", "--config", default="")
+    p.add_argument("domain", nargs="*", help="query, purge: the domains (none: all)")
+    p.add_argument("-c", "--config", default="", help=OPTIONAL_CONFIG_HELP)
     p.add_argument("--cached", action="store_true",
                    help="query: answer from the cache only, fetch nothing")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=cmd_sts)
+
+
+CONFIG_HELP = "the configuration file"
+OPTIONAL_CONFIG_HELP = "the configuration file (none: the built-in defaults)"
+JSON_HELP = "print JSON, not text"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,60 +382,62 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the milter")
-    p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check-config", help="validate a config file and print the effective one")
-    p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("scan", help="run the checks offline on a message file")
     p.add_argument("file", help="an RFC 5322 message (.eml), or - for standard input")
-    p.add_argument("-c", "--config", default="")
-    p.add_argument("--client-ip", default="")
-    p.add_argument("--helo", default="")
-    p.add_argument("--mail-from", default="")
+    p.add_argument("-c", "--config", default="", help=OPTIONAL_CONFIG_HELP)
+    p.add_argument("--client-ip", default="", help="the SMTP client's IP address")
+    p.add_argument("--helo", default="", help="the name it gave in HELO/EHLO")
+    p.add_argument("--mail-from", default="", help="the envelope sender (MAIL FROM)")
     p.add_argument("--rcpt", action="append", help="a recipient (repeat for more)")
     p.add_argument("--tls-version", default="", choices=("", *TLS_VERSIONS),
                    help="the TLS version the MTA reported; empty means no TLS")
     p.add_argument("--auth-user", default="", help="the SASL login, for submitted mail")
     p.add_argument("--daemon-name", default="", help="the MTA's {daemon_name}")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("keygen", help="make a DKIM signing key and print its DNS record")
-    p.add_argument("--domain", required=True)
-    p.add_argument("--selector", required=True)
-    p.add_argument("--type", choices=("rsa", "ed25519"), default="rsa")
-    p.add_argument("--bits", type=int, choices=(1024, 2048, 3072, 4096), default=2048)
+    p.add_argument("--domain", required=True, help="the signing domain (d=)")
+    p.add_argument("--selector", required=True, help="the selector (s=)")
+    p.add_argument("--type", choices=("rsa", "ed25519"), default="rsa", help="the key type")
+    p.add_argument("--bits", type=int, choices=(1024, 2048, 3072, 4096), default=2048,
+                   help="RSA key size")
     p.add_argument("--dir", default=".", help="where to write DOMAIN.SELECTOR.key")
     p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("keycheck", help="compare DKIM/ARC signing keys with their DNS records "
                                         "(exit 1 unless all is as it should be)")
-    p.add_argument("-c", "--config", default="")
+    p.add_argument("-c", "--config", default="", help=OPTIONAL_CONFIG_HELP)
     p.add_argument("--key", default="", help="one key file (e.g. the next selector's)")
-    p.add_argument("--domain", default="")
-    p.add_argument("--selector", default="")
+    p.add_argument("--domain", default="", help="with --key or --retired: its domain")
+    p.add_argument("--selector", default="", help="with --key or --retired: its selector")
     p.add_argument("--retired", action="store_true",
                    help="check that --domain/--selector is revoked (empty p=) or gone")
     p.set_defaults(func=cmd_keycheck)
 
     p = sub.add_parser("audit", help="check the MTA (postconf) and [milter] local_domains "
                                      "(DNS) against good practice (exit 1 on a failure)")
-    p.add_argument("-c", "--config", default="")
+    p.add_argument("-c", "--config", default="", help=OPTIONAL_CONFIG_HELP)
     p.add_argument("--postfix-dir", default="",
                    help="a Postfix configuration directory (default: postconf's own)")
     p.add_argument("--no-mta", action="store_true", help="only the domains")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=cmd_audit)
 
     _add_sts_parser(sub)
     _add_reports_parser(sub)
 
     p = sub.add_parser("docs", help="print the configuration or metrics reference "
-                                    "(Markdown, generated from the code)")
-    p.add_argument("what", choices=("config", "metrics"))
+                                    "(Markdown) or this manual page (roff), generated from "
+                                    "the code")
+    p.add_argument("what", choices=("config", "metrics", "man"), help="which")
     p.add_argument("--annotated", default=_annotated_default(),
                    help="the annotated INI whose comments give each key's meaning "
                         "(default: conf/mailward.ini)")

@@ -11,6 +11,7 @@ metrics reference reads the names, types, labels and help texts from the `Metric
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import enum
 import re
@@ -210,3 +211,84 @@ def metrics_md(metrics: Iterable[object]) -> str:
                 rows.append(f"| `{name}` | {family.type} | {', '.join(labels)} | "
                             f"{_cell(family.documentation)} |")
     return "\n".join(lines + sorted(rows)) + "\n"
+
+
+# -- the manual page -----------------------------------------------------------------------
+
+MAN_SECTIONS = """\
+.SH FILES
+.TP
+.I /etc/mailward/mailward.ini
+The one configuration file of the milter, \\fBmailward sts\\fR and \\fBmailward reports\\fR.
+Each key is described in the comments of the shipped file and in the configuration reference
+under /usr/share/doc/mailward/.
+.SH SIGNALS
+.TP
+.B SIGTERM, SIGINT, SIGHUP
+\\fBmailward run\\fR stops gracefully: new transactions get 421, those in flight may finish
+within \\fB[milter] stop_grace\\fR. A second signal stops at once.
+.TP
+.B SIGUSR1
+Reload the configuration (\\fBsystemctl reload mailward\\fR). A file that does not load is
+logged and the running configuration kept.
+.SH EXIT STATUS
+0 on success; 1 on an error (the message says what), or when \\fBaudit\\fR or \\fBkeycheck\\fR
+found a failure; 2 on a usage error.
+.SH SEE ALSO
+\\fBpostconf\\fR(5) (smtpd_milters, smtp_tls_policy_maps); in /usr/share/doc/mailward/: the
+README, the configuration and metrics references, and why mail is refused.
+"""
+
+
+def roff(text: str) -> str:
+    """`text` as roff body text: backslashes and hyphens escaped, no line read as a request."""
+    out = text.replace("\\", "\\e").replace("-", "\\-")
+    return "\n".join("\\&" + line if line.startswith((".", "'")) else line
+                     for line in out.splitlines())
+
+
+def _options(parser: argparse.ArgumentParser) -> list[str]:
+    lines: list[str] = []
+    for action in parser._actions:  # argparse has no public list of a parser's arguments
+        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+            continue
+        if action.option_strings:
+            names = ", ".join(f"\\fB{roff(o)}\\fR" for o in action.option_strings)
+            if action.nargs != 0:
+                names += f" \\fI{roff(action.metavar or action.dest.upper())}\\fR"
+        else:
+            names = f"\\fI{roff(str(action.metavar or action.dest))}\\fR"
+        text = action.help or ""
+        if action.choices:
+            shown = ", ".join(str(c) or '""' for c in action.choices)
+            text = f"{text}: one of {shown}" if text else f"one of {shown}"
+        if (action.default not in (None, "", False, [], argparse.SUPPRESS)
+                and action.nargs != 0 and "default" not in text):
+            text += f" (default: {action.default})"
+        lines += [".TP", names, roff(text) if text else ""]
+    return [line for line in lines if line != ""]
+
+
+def man_page(parser: argparse.ArgumentParser) -> str:
+    """mailward(8), from the command line parser: every command, argument and option."""
+    from mailward import __version__  # noqa: PLC0415 - only here
+
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {c.dest: c.help or "" for c in commands._choices_actions}
+    lines = [
+        f'.TH MAILWARD 8 "" "mailward {__version__}" "System Administration"',
+        ".SH NAME",
+        "mailward \\- policy\\-enforcing mail filter (milter) for Postfix and Sendmail",
+        ".SH SYNOPSIS",
+        ".B mailward",
+        ".I command",
+        "[\\fIoptions\\fR]",
+        ".SH DESCRIPTION",
+        roff(" ".join((parser.description or "").split())),
+        ".SH COMMANDS",
+    ]
+    for name, sub in commands.choices.items():
+        usage = " ".join(sub.format_usage().removeprefix("usage: ").split())
+        lines += [f'.SS "{roff(name)}"', roff(helps.get(name, "")) + ".", ".PP",
+                  roff(usage.replace(" [-h]", "")), *_options(sub)]
+    return "\n".join(lines) + "\n" + MAN_SECTIONS

@@ -54,7 +54,8 @@ def test_files_in_place() -> None:
                  "/usr/lib/tmpfiles.d/mailward.conf", "/usr/lib/sysusers.d/mailward.conf",
                  "/etc/mailward/mailward.ini", "/usr/share/doc/mailward/README.Debian",
                  "/usr/share/mailward/grafana/mailward.json",
-                 "/usr/share/mailward/prometheus/mailward-rules.yml"):
+                 "/usr/share/mailward/prometheus/mailward-rules.yml",
+                 "/usr/share/man/man8/mailward.8.gz"):
         assert path in files, path
     conffiles = subprocess.run(["dpkg-query", "-W", "-f", "${Conffiles}", "mailward"],
                                capture_output=True, text=True, check=True).stdout
