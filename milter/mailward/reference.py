@@ -255,7 +255,7 @@ def _options(parser: argparse.ArgumentParser) -> list[str]:
         if action.option_strings:
             names = ", ".join(f"\\fB{roff(o)}\\fR" for o in action.option_strings)
             if action.nargs != 0:
-                names += f" \\fI{roff(action.metavar or action.dest.upper())}\\fR"
+                names += f" \\fI{roff(str(action.metavar or action.dest.upper()))}\\fR"
         else:
             names = f"\\fI{roff(str(action.metavar or action.dest))}\\fR"
         text = action.help or ""
