@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mailward import cli, reference
+from mailward import __version__, cli, reference
 from mailward.checks import REGISTRY
 from mailward.services.metrics import Metrics, StsMetrics
 
@@ -51,11 +51,11 @@ def test_the_committed_references_are_what_the_code_generates() -> None:
 
 def test_the_committed_manual_page_is_what_the_code_generates() -> None:
     assert (REPO / "docs" / "mailward.8").read_text() == \
-        reference.man_page(cli.build_parser()), REGENERATE
+        reference.man_page(cli.build_parser(), __version__), REGENERATE
 
 
 def test_the_manual_page_names_every_command_and_option_and_renders_cleanly() -> None:
-    page = reference.man_page(cli.build_parser())
+    page = reference.man_page(cli.build_parser(), __version__)
     commands = next(a for a in cli.build_parser()._actions
                     if isinstance(a, argparse._SubParsersAction))
     for name, sub in commands.choices.items():

@@ -289,7 +289,7 @@ def cmd_docs(args: argparse.Namespace) -> int:
         sys.stdout.write(reference.metrics_md([Metrics(), StsMetrics()]))
         return 0
     if args.what == "man":
-        sys.stdout.write(reference.man_page(build_parser()))
+        sys.stdout.write(reference.man_page(build_parser(), __version__))
         return 0
     with open(args.annotated, encoding="utf-8") as fh:
         sys.stdout.write(reference.configuration_md(REGISTRY, fh.read(), REFERENCE_LOADERS))

@@ -269,14 +269,12 @@ def _options(parser: argparse.ArgumentParser) -> list[str]:
     return [line for line in lines if line != ""]
 
 
-def man_page(parser: argparse.ArgumentParser) -> str:
+def man_page(parser: argparse.ArgumentParser, version: str) -> str:
     """mailward(8), from the command line parser: every command, argument and option."""
-    from mailward import __version__  # noqa: PLC0415 - only here
-
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     helps = {c.dest: c.help or "" for c in commands._choices_actions}
     lines = [
-        f'.TH MAILWARD 8 "" "mailward {__version__}" "System Administration"',
+        f'.TH MAILWARD 8 "" "mailward {version}" "System Administration"',
         ".SH NAME",
         "mailward \\- policy\\-enforcing mail filter (milter) for Postfix and Sendmail",
         ".SH SYNOPSIS",
