@@ -34,7 +34,10 @@ def test_two_milters_share_one_limit(redis_url: str) -> None:
     need(os.geteuid() == 0, "the integration tests start a private Postfix and need root")
     need(not missing_tools(), "Debian's postfix is missing")
     config = merge_ini(LAB_CONFIG, f"[check.ratelimit]\nbackend = redis\nredis_url = {redis_url}"
-                                   "\nlimits = outbound user messages 3\n")
+                                   "\nlimits = outbound user messages 3\n"
+                                   # a week (the longest): the end of a window (aligned to
+                                   # the epoch) falls between two messages once a week at most
+                                   f"window = {7 * 86400}\n")
     root = Path(tempfile.mkdtemp(prefix="mailward-fleet-"))
     second = MailwardProcess(config, root / "second")
     try:

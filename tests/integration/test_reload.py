@@ -25,7 +25,9 @@ from tests.integration.conftest import BASE_CONFIG, Harness
 
 MESSAGES = 36
 LIMIT = 30
-RATE = f"[check.ratelimit]\nlimits = inbound domain messages {LIMIT}\n"
+# Windows are fixed, aligned to the epoch: the longest (a week), so that the stream straddles
+# the end of one (which resets the count, as a bad reload would) only if run at that instant.
+RATE = f"[check.ratelimit]\nwindow = {7 * 86400}\nlimits = inbound domain messages {LIMIT}\n"
 
 
 def generation(name: str, dns_port: str) -> str:

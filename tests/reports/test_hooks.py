@@ -27,7 +27,9 @@ def test_a_store_that_is_not_there_yet_is_retried(tmp_path: Path) -> None:
         assert reporting.writer is None and rows("error") == 1
         started = time.monotonic()
         reporting.judged(TX, verdict(outcome()))  # counted, not waited for
-        assert time.monotonic() - started < 0.1 and rows("dropped") == 1
+        # no wait for the store (retried in the background); 1 s, not 0.1 s, leaves a busy
+        # machine's scheduler room: the call itself takes microseconds
+        assert time.monotonic() - started < 1 and rows("dropped") == 1
         where.mkdir()
         deadline = time.monotonic() + 10
         while reporting.writer is None:

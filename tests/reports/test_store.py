@@ -178,7 +178,7 @@ def test_a_full_queue_drops_and_counts_never_blocks(tmp_path: Path) -> None:
     started = time.monotonic()
     for i in range(50):
         writer.put(message(i))
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 3  # a blocking put would hang here: the bound is slack
     assert len(dropped) >= 39  # one row taken by the stalled thread, ten queued
     gate.release()
     writer.close()
