@@ -349,10 +349,10 @@ def test_hostile_fields_cost_linear_time(resolver: Resolver) -> None:
 
     def cost(name: str, value: str) -> float:
         raw = f"{name}: {value}\r\n".encode() + MESSAGE
-        start = time.perf_counter()
+        start = time.thread_time()  # CPU time: other processes do not count
         r = run_arc(raw, resolver)
         assert r.result is Result.FAIL
-        return time.perf_counter() - start
+        return time.thread_time() - start
 
     for name in ("ARC-Seal", "ARC-Message-Signature", "ARC-Authentication-Results"):
         for shape in shapes:

@@ -295,9 +295,9 @@ JUNK = b"v=1; a=rsa-sha256; d=example.com; s=rsa2048; h=from; bh=AAAA; b=AAAA"
 ])
 def test_a_hostile_signature_is_its_own_problem_only(resolver: Resolver, junk: bytes,
                                                      reason: str) -> None:
-    start = time.perf_counter()
+    start = time.thread_time()  # CPU time: other processes do not count
     r = verify(with_junk(sign(), junk), resolver)
-    assert time.perf_counter() - start < 2  # was 4.7 s for 24 KB of crafted b= (quadratic)
+    assert time.thread_time() - start < 2  # was 4.7 s for 24 KB of crafted b= (quadratic)
     (bad_result, bad_reason), good = results(r)
     assert bad_result in ("neutral", "permerror") and reason in bad_reason, bad_reason
     assert good == ("pass", "") and r.result is Result.PASS
@@ -337,10 +337,10 @@ def test_hostile_bodies_cost_linear_time(resolver: Resolver, canon: tuple[bytes,
 
     def cost(size: int) -> float:
         raw = head + b"\r\n\r\n" + b"x" + b" " * size + b"y\r\n"
-        start = time.perf_counter()
+        start = time.thread_time()
         r = verify(raw, resolver)
         assert results(r) == [("fail", "body hash mismatch")]  # the whole body was hashed
-        return time.perf_counter() - start
+        return time.thread_time() - start
 
     cost(1000)  # warm
     assert cost(2_000_000) < 25 * max(cost(200_000), 0.005)
@@ -382,9 +382,9 @@ def test_a_signed_field_of_many_folds_costs_linear_time(resolver: Resolver) -> N
         body = Body(threshold=1 << 20)
         body.write(body_bytes.replace(b"\n", b"\r\n"))
         tx = make_tx(headers=headers, body=body)
-        start = time.perf_counter()
+        start = time.thread_time()
         _, (r,) = run_stage(cfg, Stage.EOM, tx, resolver=resolver)
-        elapsed = time.perf_counter() - start
+        elapsed = time.thread_time() - start
         body.close()
         assert results(r) == [("pass", "")]
         return elapsed

@@ -77,9 +77,9 @@ def test_trace_cost_is_linear_in_a_hostile_received_field(unit: str) -> None:
         tx = make_tx(headers=[("Received", value)], auth_user="alice")
         best = float("inf")
         for _ in range(3):
-            start = time.perf_counter()
+            start = time.thread_time()  # CPU time: other processes do not count
             run(cfg, "trace", tx)
-            best = min(best, time.perf_counter() - start)
+            best = min(best, time.thread_time() - start)
         return best
 
     assert cost(4_000) < 25 * max(cost(400), 1e-4)

@@ -119,19 +119,19 @@ def test_the_tokenizer_is_linear(shape: str) -> None:
 
 
 def _timed(text: str) -> float:
-    start = time.perf_counter()
+    start = time.thread_time()  # CPU time: other processes do not count
     try:
         tokenize(text)
     except Malformed:
         pass
-    return time.perf_counter() - start
+    return time.thread_time() - start
 
 
 def test_the_caps_come_before_parsing() -> None:
-    start = time.perf_counter()
+    start = time.thread_time()
     assert outcome("(" * 100_000) is AuthorProblem.MALFORMED
     assert outcome("a@b.example, " * 5000) is AuthorProblem.MALFORMED
-    assert time.perf_counter() - start < 1  # generous: each is a length check
+    assert time.thread_time() - start < 1  # generous: each is a length check
 
 
 DEBIAN_PYTHON = "/usr/bin/python3"

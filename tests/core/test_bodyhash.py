@@ -61,12 +61,12 @@ def test_cost_is_linear_in_hostile_bodies(relaxed: bool, unit: bytes) -> None:
         body = unit * (size // len(unit)) + b"x"
         best = float("inf")
         for _ in range(3):
-            start = time.perf_counter()
+            start = time.thread_time()  # CPU time: other processes do not count
             h = BodyHash(relaxed=relaxed, hash_name="sha256")
             for i in range(0, len(body), 65536):
                 h.update(body[i:i + 65536])
             h.digest()
-            best = min(best, time.perf_counter() - start)
+            best = min(best, time.thread_time() - start)
         return best
 
     assert cost(2_000_000) < 25 * max(cost(200_000), 2e-3)  # floor: scheduler noise

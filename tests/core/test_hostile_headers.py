@@ -69,9 +69,9 @@ def run(snapshot: Snapshot, direction: str, name: str, value: str) -> float:
                  recipients=("b@y.example",), **extra)  # type: ignore[arg-type]
     gc.disable()
     try:
-        start = time.perf_counter()
+        start = time.thread_time()  # CPU time: other processes do not count
         pipeline.evaluate(Stage.EOM, tx, snapshot)
-        return time.perf_counter() - start
+        return time.thread_time() - start
     finally:
         gc.enable()
         body.close()

@@ -47,12 +47,12 @@ def test_cost_per_add_does_not_grow_with_the_number_of_keys() -> None:
     try:
         for c in range(chunks):
             limit = 3 * min(times[:3]) if len(times) >= 3 else float("inf")
-            start = time.perf_counter()
+            start = time.thread_time()  # CPU time: other processes do not count
             for i in range(chunk):
                 store.add([f"sender{c}-{i}.example"], 1, 3600)
-                if i % 10 == 0 and time.perf_counter() - start > limit:
+                if i % 10 == 0 and time.thread_time() - start > limit:
                     break  # already too slow: no need to wait for the rest
-            times.append(time.perf_counter() - start)
+            times.append(time.thread_time() - start)
     finally:
         gc.enable()
     first, last = min(times[:3]), min(times[-3:])  # the best of three: robust to a busy CPU
