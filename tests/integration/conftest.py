@@ -168,7 +168,7 @@ class Harness:
         count = self.mw.log().count("configuration reloaded")
         self.mw.write(text)
         self.mw.proc.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30  # a deadline for waiting only
         while self.mw.log().count("configuration reloaded") == count:
             assert time.monotonic() < deadline, "mailward did not reload:\n" + self.mw.log()
             time.sleep(0.02)

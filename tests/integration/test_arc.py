@@ -68,7 +68,7 @@ def test_a_list_post_is_refused_unless_the_sealer_is_trusted(harness: Harness) -
     # the report store has both as applied: the refusal, and the override as RFC 9990's
     # trusted_forwarder (the writer thread writes a moment later)
     store = SqliteStore(str(harness.mw.workdir / "reports.sqlite"))
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # a deadline for waiting only
     while len(rows := store.messages(start, 2**40, policy_domain="bank.example")) < 2:
         assert time.monotonic() < deadline, rows
         time.sleep(0.1)

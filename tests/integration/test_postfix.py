@@ -383,7 +383,7 @@ def test_reload_with_sigusr1(harness: Harness) -> None:
         harness.mw.start()
 
 
-def _wait_for(condition: object, timeout: float = 10) -> None:
+def _wait_for(condition: object, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not condition():  # type: ignore[operator]
         assert time.monotonic() < deadline, "timed out"
