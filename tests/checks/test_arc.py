@@ -69,8 +69,10 @@ def publish_records(ns: Nameserver, records: dict[str, str]) -> None:
 
 
 def resolver_for(ns: Nameserver) -> Resolver:
-    return Resolver(DnsSettings(nameservers=(("127.0.0.1", ns.port),), timeout=0.2,
-                                lifetime=0.4))
+    # 1 s: an answer late on a busy machine (loopback answers took up to 0.9 s once under
+    # load) must not become a temperror; the dropped names cost that second each
+    return Resolver(DnsSettings(nameservers=(("127.0.0.1", ns.port),), timeout=0.5,
+                                lifetime=1.0))
 
 
 def run_arc(raw: bytes, resolver: Resolver | None, config: str = "", **tx: Any
