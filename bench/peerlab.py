@@ -420,14 +420,12 @@ class MailwardDebian(Mailward):
 
 
 @dataclass
-class MailwardAsync(Mailward):
-    """bench/asyncmw.py: mailward's adapter on an asyncio protocol loop (measurement only)."""
+class MailwardLibmilter(Mailward):
+    """The same, on the libmilter engine: pymilter's thread per connection."""
 
-    name: str = "mw-async"
-    title: str = "mailward's adapter on an asyncio protocol loop (prototype)"
-
-    def command(self) -> list[str]:
-        return [sys.executable, str(Path(__file__).with_name("asyncmw.py"))]
+    name: str = "mw-libmilter"
+    title: str = "mailward on libmilter ([milter] engine = libmilter)"
+    config: str = merge_ini(LAB_CONFIG, "[milter]\nengine = libmilter\n")
 
 
 @dataclass

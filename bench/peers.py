@@ -45,7 +45,7 @@ from peerlab import (
     CChain,
     Maillog,
     Mailward,
-    MailwardAsync,
+    MailwardLibmilter,
     MailwardDebian,
     MailwardExperiment,
     MailwardNoReports,
@@ -398,9 +398,9 @@ KINDS: dict[str, type[Milters]] = {"none": Milters, "mailward": Mailward,
                                    "mw-deb": MailwardDebian, "mw-norep": MailwardNoReports,
                                    "c-chain": CChain, "null": NullMilter,
                                    # by hand only (--variants): see bench/README.md
-                                   "null-async": AsyncNull, "mw-async": MailwardAsync,
+                                   "null-async": AsyncNull, "mw-libmilter": MailwardLibmilter,
                                    "mw-exp": MailwardExperiment}
-DEFAULT_VARIANTS = ["none", "mailward", "mw-deb", "mw-norep", "c-chain", "null"]
+DEFAULT_VARIANTS = ["none", "mailward", "mw-deb", "mw-libmilter", "c-chain", "null"]
 
 
 def start_setups(stack: contextlib.ExitStack, work: Path, variants: list[str],

@@ -227,7 +227,7 @@ def test_check_config_warns_about_a_tcp_socket_and_trusted_signing(
     ini.write_text(ini.read_text() + signing)
     assert main(["check-config", "-c", str(ini)]) == 0
     out = capsys.readouterr().out
-    assert "socket = unix:/var/spool/postfix/mailward/milter.sock\ntimeout" in out
+    assert "socket = unix:/var/spool/postfix/mailward/milter.sock\nengine = asyncio\n" in out
     assert "trusted_networks = \n" in out
     assert "is TCP" not in out and "with dkim_sign keys" not in out  # the defaults are quiet
     ini.write_text(ini.read_text().replace(

@@ -7,10 +7,12 @@ are pinned with @example.
 
 from __future__ import annotations
 
+import asyncio
 import configparser
 import gzip
 import json
 import re
+import struct
 from typing import Any
 
 import Milter
@@ -18,6 +20,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from mailward import audit
+from mailward.adapter import aio
+from mailward.adapter import protocol as proto
 from mailward.checks import arc, authres
 from mailward.checks.dmarc import parse_record
 from mailward.checks.trace import Settings as TraceSettings
@@ -473,3 +477,101 @@ def test_any_report_mail_gives_attachments_or_a_reason(body: bytes, ctype: bytes
     except ReportError:
         return
     assert all(len(xml) <= 1000 for _, xml in found)
+
+
+# -- the asyncio engine's milter protocol (issue 9): frames, fields, any command order -------
+
+@given(st.binary(max_size=600), st.lists(st.integers(0, 600), max_size=5))
+@example(b"\x00\x00\x00\x00", [])
+@example(b"\xff\xff\xff\xffO", [2])
+def test_any_byte_stream_splits_into_packets_or_is_refused(data: bytes,
+                                                           cuts: list[int]) -> None:
+    reader = proto.Reader(limit=512)
+    got: list[tuple[bytes, bytes]] = []
+    try:
+        for start, end in zip([0, *sorted(cuts)], [*sorted(cuts), len(data)], strict=True):
+            got += reader.feed(data[start:end])
+    except proto.ProtocolError:
+        return
+    rebuilt = b"".join(proto.packet(command, body) for command, body in got)
+    assert rebuilt + data[len(rebuilt):] == data and reader.pending == len(data) - len(rebuilt)
+
+
+@given(st.binary(max_size=300))
+@example(b"4\x00")
+@example(b"host\x006\x00\x19")
+def test_every_field_parser_answers_any_bytes(data: bytes) -> None:
+    for parse in (proto.options, proto.macros, proto.connect, proto.header, proto.strings):
+        try:
+            parse(data)  # type: ignore[operator]
+        except proto.ProtocolError:
+            pass
+
+
+class _Transport(asyncio.Transport):
+    """What a Connection writes and does to its socket, without one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = b""
+        self.closing = False
+        self.reading = True
+
+    def write(self, data: bytes) -> None:
+        assert not self.closing
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    abort = close
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+MILTER_PACKETS = st.lists(st.one_of(
+    st.just(proto.packet(b"O", struct.pack(">III", 6, 0x1FF, 0x1FFFFF))),
+    st.tuples(st.sampled_from(list(b"DCHMRTLNBEAKUQZO")), st.one_of(
+        st.binary(max_size=40),
+        st.sampled_from([b"<a@b.example>\0", b"Mi\0Q1\0", b"From\0 x@b.example\0",
+                         b"h\x004\x00\x19203.0.113.5\0", b"h\0", b""])))
+    .map(lambda t: proto.packet(bytes([t[0]]), t[1]))), max_size=30)
+
+
+@given(MILTER_PACKETS)
+@example([proto.packet(b"O", struct.pack(">III", 6, 0x1FF, 0x1FFFFF)),
+          proto.packet(b"E"), proto.packet(b"R", b"<x@y>\0"), proto.packet(b"K"),
+          proto.packet(b"B", b"x"), proto.packet(b"E")])
+def test_any_command_sequence_gets_replies_or_a_closed_connection(packets: list[bytes]) -> None:
+    """Checks that never wait (no DNS): every stage stays inline, on a loop that never runs."""
+    runtime = _aio_runtime()
+    loop = asyncio.new_event_loop()
+    try:
+        engine = aio.Engine(runtime, socket="unix:/nonexistent", timeout=60)
+        engine._loop = loop
+        conn = aio.Connection(engine)
+        transport = _Transport()
+        conn.connection_made(transport)
+        conn.data_received(b"".join(packets))
+        assert not conn.busy
+        replies = proto.Reader().feed(transport.written)  # well-formed packets only
+        assert all(command in b"OcartdyhimqQ" for command, _ in replies)
+        conn.connection_lost(None)
+    finally:
+        loop.close()
+        engine.pool.shutdown()
+    assert runtime.metrics.connections_active._value.get() == 0
+    assert runtime.drain.open == 0
+
+
+def _aio_runtime() -> Any:
+    from tests.adapter.test_milter import Runtime  # noqa: PLC0415
+    return Runtime(make_config("[milter]\nauthserv_id = mx.example.com\n"
+                               "[policy]\nchecks = tls, bcc, trace, authres\n"))

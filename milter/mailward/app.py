@@ -23,10 +23,12 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
+from typing import Protocol
 
 from mailward.adapter.drain import Drain
-from mailward.adapter.milter import ServeError, serve, stop_serving
+from mailward.adapter.milter import Libmilter, ServeError
 from mailward.checks import REGISTRY
 from mailward.core import config as configmod
 from mailward.core import snapshot as snapshotmod
@@ -64,6 +66,14 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
         return bool(ctypes.CDLL(None).mallopt(M_ARENA_MAX, arenas))
     except (OSError, AttributeError):
         return False
+
+
+class Engine(Protocol):
+    """What serves the milter socket: libmilter's threads, or our asyncio loop."""
+
+    def serve(self, on_ready: Callable[[], None] | None = None) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 class App:
@@ -115,10 +125,11 @@ class App:
                 self.metrics.config_reloads.labels(outcome="failed").inc()
                 return False
             old = self._snapshot
-            if (new.milter.socket, new.metrics.listen) != (old.config.milter.socket,
-                                                           old.config.metrics.listen):
-                log.warning("reload: [milter] socket and [metrics] listen take effect on "
-                            "restart")
+            if ((new.milter.socket, new.milter.engine, new.metrics.listen)
+                    != (old.config.milter.socket, old.config.milter.engine,
+                        old.config.metrics.listen)):
+                log.warning("reload: [milter] socket and engine and [metrics] listen take "
+                            "effect on restart")
             for warning in new.warnings:
                 log.warning("%s", warning)
             self._snapshot = snapshotmod.build(new, metrics=self.metrics, previous=old)
@@ -174,24 +185,25 @@ class App:
         # than the reports about it (reports/hooks.py)
         self._reports = Reporting.start(cfg.reports, self.metrics)
         checks = ", ".join(f"{link.name}({link.mode})" for link in cfg.chain)
-        log.info("mailward listening on %s, checks: %s", cfg.milter.socket, checks or "none")
+        log.info("mailward listening on %s (engine %s), checks: %s", cfg.milter.socket,
+                 cfg.milter.engine, checks or "none")
         failure: list[ServeError] = []
+        engine = self._engine()
 
         def milter() -> None:
             try:
-                serve(self, socket=cfg.milter.socket, timeout=int(cfg.milter.timeout),
-                      on_ready=self._ready)
+                engine.serve(on_ready=self._ready)
             except ServeError as exc:
                 failure.append(exc)
 
-        thread = threading.Thread(target=milter, name="libmilter")
+        thread = threading.Thread(target=milter, name=cfg.milter.engine)
         thread.start()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         try:
             while thread.is_alive() and not self._stop_signals:
                 thread.join(0.5)  # the stop handler runs in this thread, between waits
             if thread.is_alive():
-                self._stop()
+                self._stop(engine)
             thread.join()
         finally:
             if self._watchdog is not None:
@@ -203,9 +215,18 @@ class App:
         self.notifier.stopping()
         log.info("mailward stopped")
 
-    def _stop(self) -> None:
+    def _engine(self) -> Engine:
+        """The milter protocol engine `[milter] engine` names."""
+        cfg = self.config.milter
+        if cfg.engine == "libmilter":
+            return Libmilter(self, socket=cfg.socket, timeout=cfg.timeout)
+        from mailward.adapter import aio  # noqa: PLC0415 (asyncio: only when used)
+
+        return aio.Engine(self, socket=cfg.socket, timeout=cfg.timeout)
+
+    def _stop(self, engine: Engine) -> None:
         """Refuse new transactions, wait for the open ones (up to stop_grace, or until a
-        second stop signal), then have libmilter stop."""
+        second stop signal), then stop the engine."""
         self.notifier.stopping()
         self.drain.close()
         grace = self._snapshot.config.milter.stop_grace
@@ -222,4 +243,4 @@ class App:
                         time.monotonic() - started)
         else:
             log.info("stopping: no transaction in flight (%.1fs)", time.monotonic() - started)
-        stop_serving()
+        engine.stop()

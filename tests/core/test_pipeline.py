@@ -180,3 +180,128 @@ def test_an_internal_error_never_becomes_a_permanent_reject(nameserver: Nameserv
     assert results["dkim"].internal_error and results["dmarc"].action is Action.TEMPFAIL
     assert "dkim failed internally" in results["dmarc"].reason
     assert (verdict.action, verdict.reply.code if verdict.reply else 0) == (Action.TEMPFAIL, 451)
+
+
+# -- Run: inline on cached answers, the rest where waiting is allowed (the asyncio engine) ----
+
+INLINE_ZONE = """
+bank.example.         TXT "v=spf1 ip4:198.51.100.7 -all"
+_dmarc.bank.example.  TXT "v=DMARC1; p=reject"
+"""
+
+
+def inline_snapshot(nameserver: Nameserver, extra: str = "") -> Snapshot:
+    nameserver.load_zone(INLINE_ZONE)
+    return snapshot_of(make_config(
+        f"[dns]\nnameservers = 127.0.0.1:{nameserver.port}\n"
+        f"[policy]\nchecks = spf, dkim, dmarc, ratelimit, authres\n"
+        f"[check.ratelimit]\nlimits = inbound domain messages 100\n{extra}"))
+
+
+def bank_tx(stage: Stage = Stage.EOM) -> Transaction:
+    return make_tx(stage=stage, headers=[("From", " ceo@bank.example")],
+                   mail_from="ceo@bank.example", client_ip="198.51.100.7")
+
+
+def test_an_inline_run_stops_at_the_first_lookup_the_cache_cannot_answer(
+        nameserver: Nameserver) -> None:
+    snap = inline_snapshot(nameserver)
+    run = pipeline.Run(Stage.EOM, bank_tx(), snap)
+    assert not run.advance(inline=True)
+    assert [r.check for r in run.results] == [] and run.waits == 1  # spf asked for DNS
+    assert nameserver.queries == []  # ... and nothing was asked
+    assert run.advance()  # where waiting is allowed, from spf on
+    tx, verdict = run.verdict()
+    assert {r.check: r.result for r in verdict.results}["dmarc"] is Result.PASS
+    assert (tx, verdict) == pipeline.evaluate(Stage.EOM, bank_tx(), snap)
+    # the cache is warm now: the whole stage runs inline, and asks nothing
+    asked = len(nameserver.queries)
+    again = pipeline.Run(Stage.EOM, bank_tx(), snap)
+    assert again.advance(inline=True) and again.waits == 0
+    assert again.verdict()[1] == verdict and len(nameserver.queries) == asked
+
+
+def test_an_inline_run_goes_on_from_the_check_that_would_wait(nameserver: Nameserver) -> None:
+    """spf's answers are cached, dmarc's are not: spf's result is kept, dmarc runs once."""
+    snap = inline_snapshot(nameserver)
+    other = dataclasses.replace(bank_tx(), headers=make_tx(
+        headers=[("From", " x@other.example")]).headers)
+    pipeline.evaluate(Stage.EOM, other, snap)  # spf's lookups for bank.example, cached
+    seen: list[str] = []
+    run = pipeline.Run(Stage.EOM, bank_tx(), snap,
+                       observe=lambda name, _r, _s: seen.append(name))
+    assert not run.advance(inline=True)
+    assert [r.check for r in run.results] == ["spf", "dkim"]
+    assert run.advance()
+    assert seen == ["spf", "dkim", "dmarc", "authres"]  # each observed (timed) once
+
+
+class Swallower(Check[None]):
+    """A check whose library catches everything, as pyspf's bare `except:` would."""
+
+    name = "dkim"
+    stages = frozenset({Stage.EOM})
+
+    def load(self, sec: Section) -> None:
+        return None
+
+    def run(self, tx: Transaction, ctx: Context, settings: None) -> CheckResult:
+        author = tx.headers[0].value.strip().partition("@")[2]
+        try:
+            ctx.dns.txt(f"_swallowed.{author}")
+        except BaseException:
+            return CheckResult(self.name, Result.TEMPERROR, action=Action.TEMPFAIL)
+        return CheckResult(self.name, Result.PASS)
+
+
+def test_a_refused_lookup_stops_the_run_even_when_a_library_swallows_it(
+        nameserver: Nameserver) -> None:
+    snap = inline_snapshot(nameserver)
+    cfg = snap.config
+    chain = tuple(dataclasses.replace(li, check=Swallower()) if li.name == "dkim" else li
+                  for li in cfg.chain)
+    snap = snapshot_of(dataclasses.replace(cfg, chain=chain))
+    other = dataclasses.replace(bank_tx(), headers=make_tx(
+        headers=[("From", " x@other.example")]).headers)
+    pipeline.evaluate(Stage.EOM, other, snap)  # spf's lookups, cached
+    run = pipeline.Run(Stage.EOM, bank_tx(), snap)
+    assert not run.advance(inline=True)
+    assert [r.check for r in run.results] == ["spf"]  # the swallowed temperror is not kept
+    assert run.advance()
+    assert {r.check: r.result for r in run.results}["dkim"] is Result.PASS
+
+
+def test_a_rate_limit_store_in_another_process_is_never_asked_inline(
+        nameserver: Nameserver) -> None:
+    snap = inline_snapshot(nameserver, "backend = redis\nredis_url = redis://127.0.0.1:1\n"
+                                       "timeout = 0.1\n")
+    run = pipeline.Run(Stage.RCPT, bank_tx(Stage.RCPT), snap)
+    assert not run.advance(inline=True) and run.results == []
+    # the memory store is asked inline; a run that stops after it counts the message once
+    snap = inline_snapshot(nameserver)
+    cfg = snap.config
+    links = {li.name: li for li in cfg.chain}
+    asker = dataclasses.replace(links["dkim"], check=Asker())
+    snap = snapshot_of(dataclasses.replace(cfg, chain=(links["ratelimit"], asker)))
+    for count in (1, 2):
+        run = pipeline.Run(Stage.MAIL, bank_tx(Stage.MAIL), snap)
+        assert not run.advance(inline=True)
+        assert [r.check for r in run.results] == ["ratelimit"]
+        assert run.advance()
+        assert snap.rates.add(["inbound:domain:messages:bank.example"], 0, 3600) == [count]
+
+
+class Asker(Check[None]):
+    """A check at MAIL that looks something up, a new name each time."""
+
+    name = "dkim"
+    stages = frozenset({Stage.MAIL})
+    asked = 0
+
+    def load(self, sec: Section) -> None:
+        return None
+
+    def run(self, tx: Transaction, ctx: Context, settings: None) -> CheckResult:
+        Asker.asked += 1
+        ctx.dns.txt(f"n{Asker.asked}.bank.example")
+        return CheckResult(self.name, Result.PASS)

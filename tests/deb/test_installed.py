@@ -19,7 +19,7 @@ import pytest
 import spf
 
 import mailward
-from mailward.lab.postfix import MailwardProcess, running_lab
+from mailward.lab.postfix import MailwardProcess, merge_ini, running_lab
 from tests.conftest import need
 from tests.integration.conftest import BASE_CONFIG, ZONE
 
@@ -93,13 +93,15 @@ def test_installed_check_config() -> None:
     assert "[milter]" in done.stdout
 
 
-def test_mail_through_postfix_to_the_installed_mailward() -> None:
-    """The lab Postfix hands a message to /usr/bin/mailward; it arrives judged."""
+@pytest.mark.parametrize("engine", ["asyncio", "libmilter"])
+def test_mail_through_postfix_to_the_installed_mailward(engine: str) -> None:
+    """The lab Postfix hands a message to /usr/bin/mailward, on either engine; it arrives
+    judged."""
     installed()
     root = Path(tempfile.mkdtemp(prefix="mailward-deb-"))
     try:
-        with running_lab(BASE_CONFIG, root=root, zone=ZONE,
-                         command=["/usr/bin/mailward"]) as lab:
+        with running_lab(merge_ini(BASE_CONFIG, f"[milter]\nengine = {engine}\n"), root=root,
+                         zone=ZONE, command=["/usr/bin/mailward"]) as lab:
             mid = "<deb-1@example.org>"
             with smtplib.SMTP("127.0.0.1", lab.postfix.smtp_port, timeout=60) as s:
                 s.sendmail("alice@example.org", ["bob@example.net"],
@@ -111,5 +113,6 @@ def test_mail_through_postfix_to_the_installed_mailward() -> None:
             assert "dmarc=pass header.from=example.org" in ar
             assert lab.mailward.command == ["/usr/bin/mailward"]
             assert isinstance(lab.mailward, MailwardProcess)
+            assert f"(engine {engine})" in lab.mailward.log()
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -439,3 +440,10 @@ def test_unix_socket(tmp_path: Path, harness: Harness) -> None:
             s.connect(str(sock))
     finally:
         assert mw.stop() == 0
+
+
+def test_the_milter_runs_on_the_engine_the_suite_asked_for(harness: Harness) -> None:
+    """`make test` runs the suite on the default engine (asyncio), then on Debian's python3
+    with MAILWARD_TEST_ENGINE=libmilter: each passes every test that starts a milter."""
+    engine = os.environ.get("MAILWARD_TEST_ENGINE") or "asyncio"
+    assert f"(engine {engine})" in harness.mw.log()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
+from mailward.adapter import aio
 from mailward.adapter import milter as adapter
 from mailward.core.transaction import Direction
 from mailward.core.verdict import Action
@@ -18,6 +19,7 @@ def test_known_label_values_match_the_core() -> None:
     assert set(metrics.DIRECTIONS) == {str(d) for d in Direction}
     assert set(metrics.VERDICTS) == {str(a) for a in Action}
     stages = re.findall(r'_guarded\("(\w+)"\)', Path(adapter.__file__).read_text())
+    stages += re.findall(r'labels\(stage="(\w+)"\)', Path(aio.__file__).read_text())
     assert sorted(metrics.STAGES) == sorted(stages)
 
 

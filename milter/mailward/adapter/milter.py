@@ -5,6 +5,11 @@ message, and applies the answer. It owns no policy. This is the only module that
 `Milter`. Each connection takes the services snapshot current when it opens and keeps it until
 it closes (core/snapshot.py); each transaction gets one DNS budget for all its stages.
 
+MAIL, RCPT and end of message come in two halves: `begin_*` builds the stage's `Pending`
+evaluation, `proceed` finishes it and applies the verdict. pymilter's callbacks (`envfrom`,
+`envrcpt`, `eom`) do both at once in libmilter's thread; the asyncio engine (adapter/aio.py)
+first runs the checks inline on cached DNS answers and hands what would wait to a thread.
+
 Facts it relies on (Postfix 3.7, pymilter 1.0.5): TLS and auth macros are sent at HELO/MAIL,
 never at end of message, so they are read in `envfrom`; the queue id `{i}` is only certain at
 end of message; the client address comes from `connect()`, not `{client_addr}`.
@@ -63,6 +68,7 @@ ACCEPT: int = Milter.ACCEPT
 REJECT: int = Milter.REJECT
 TEMPFAIL: int = Milter.TEMPFAIL
 DISCARD: int = Milter.DISCARD
+NOREPLY: int = Milter.NOREPLY
 noreply: Callable[[F], F] = Milter.noreply
 
 
@@ -131,36 +137,39 @@ def _nodelay_listeners() -> int:
     return count
 
 
+def restrict(path: str) -> None:
+    """Give the milter's unix socket mode 0660 and, when the group exists, group `postfix`.
+
+    Postfix's smtpd and cleanup run as user postfix: only the MTA and our own user may
+    connect, so no other local user can have mail judged or signed. Without a group `postfix`
+    (a Sendmail host) the group stays ours.
+    """
+    try:
+        os.chmod(path, 0o660)
+    except OSError as exc:
+        raise ServeError(f"cannot set mode 0660 on {path}: {exc.strerror}") from None
+    try:
+        gid = grp.getgrnam("postfix").gr_gid
+    except KeyError:
+        return  # no Postfix here: the socket keeps our group
+    try:
+        os.chown(path, -1, gid)
+    except OSError as exc:
+        log.warning("cannot give %s to group postfix (%s): Postfix can connect only if "
+                    "user postfix is in our group; or make its directory group postfix "
+                    "with the setgid bit (chmod 2750)", path, exc.strerror)
+
+
 def serve(runtime: Runtime, *, socket: str, timeout: int,
           on_ready: Callable[[], None] | None = None) -> None:
     """Register the milter class with libmilter and serve until a stop signal.
 
-    `on_ready` is called once the socket is open and restricted, before the first connection.
-
-    A unix socket gets mode 0660 and, when the group exists, group `postfix` (Postfix's
-    smtpd and cleanup run as user postfix): only the MTA and our own user may connect, so no
-    other local user can have mail judged or signed. Without a group `postfix` (a Sendmail
-    host) the group stays ours. A TCP socket gets TCP_NODELAY.
+    `on_ready` is called once the socket is open and restricted (`restrict`), before the
+    first connection. A TCP socket gets TCP_NODELAY.
     """
     Milter.factory = lambda: MailwardMilter(runtime)
     Milter.set_flags(FLAGS)
     opensocket = Milter.milter.opensocket
-
-    def restrict(path: str) -> None:
-        try:
-            os.chmod(path, 0o660)
-        except OSError as exc:
-            raise ServeError(f"cannot set mode 0660 on {path}: {exc.strerror}") from None
-        try:
-            gid = grp.getgrnam("postfix").gr_gid
-        except KeyError:
-            return  # no Postfix here: the socket keeps our group
-        try:
-            os.chown(path, -1, gid)
-        except OSError as exc:
-            log.warning("cannot give %s to group postfix (%s): Postfix can connect only if "
-                        "user postfix is in our group; or make its directory group postfix "
-                        "with the setgid bit (chmod 2750)", path, exc.strerror)
 
     def open_socket(rmsock: bool) -> Any:
         # runmilter opens the socket, then blocks in main(): the one moment to reach it
@@ -187,31 +196,42 @@ def stop_serving() -> None:
     Milter.milter.stop()
 
 
+class Libmilter:
+    """The engine of `[milter] engine = libmilter`: libmilter's thread per connection."""
+
+    def __init__(self, runtime: Runtime, *, socket: str, timeout: float) -> None:
+        self.runtime = runtime
+        self.socket = socket
+        self.timeout = timeout
+
+    def serve(self, on_ready: Callable[[], None] | None = None) -> None:
+        serve(self.runtime, socket=self.socket, timeout=int(self.timeout), on_ready=on_ready)
+
+    def stop(self) -> None:
+        stop_serving()
+
+
 def _guarded(stage: str) -> Callable[[F], F]:
-    """Contain any exception of a callback: count it, answer tempfail, keep serving."""
+    """Contain any exception of a callback (`MailwardMilter.guard`)."""
 
     def wrap(func: F) -> F:
         @functools.wraps(func)
         def inner(self: MailwardMilter, *args: Any) -> Any:
-            try:
-                return func(self, *args)
-            except Exception:
-                log.exception("qid=%s unexpected error in %s", self.queue_id, stage)
-                self.runtime.metrics.errors.labels(stage=stage).inc()
-                # These callbacks may not reply (noreply): the next one that can will.
-                if stage in ("abort", "close"):
-                    return CONTINUE
-                if stage in ("connect", "helo"):
-                    self.conn_failed = stage
-                    return CONTINUE
-                if stage in ("header", "body"):
-                    self.msg_failed = stage
-                    return CONTINUE
-                return self._reply(self.config.policy.error_reply, TEMPFAIL)
+            return self.guard(stage, func, self, *args)
 
         return inner  # type: ignore[return-value]
 
     return wrap
+
+
+@dataclasses.dataclass
+class Pending:
+    """A stage (`mail`, `rcpt` or `eom`) whose checks have not all run: `run.advance()` runs
+    them, then `then()` applies the verdict and gives the reply (`MailwardMilter.proceed`)."""
+
+    stage: str
+    run: pipeline.Run
+    then: Callable[[], int]
 
 
 def _address(hostaddr: Any) -> IPAddress | None:
@@ -263,8 +283,9 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
     @noreply
     @_guarded("connect")
     def connect(self, hostname: str, family: Any, hostaddr: Any) -> int:
-        self.connected = True
-        self.runtime.metrics.connections_active.inc()
+        if not self.connected:  # a second CONNECT (a broken peer) is not a second client
+            self.connected = True
+            self.runtime.metrics.connections_active.inc()
         self.conn = Transaction(stage=Stage.CONNECT, client_ip=_address(hostaddr),
                                 client_name=hostname or "",
                                 daemon_name=self.getsymval("{daemon_name}") or "")
@@ -279,6 +300,9 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
 
     @_guarded("mail")
     def envfrom(self, mail_from: str, *params: str) -> int:
+        return self.settle(self.begin_mail(mail_from, *params))
+
+    def begin_mail(self, mail_from: str, *params: str) -> int | Pending:
         self._reset()
         self.budget = Budget(self.config.dns.budget)  # one per transaction
         if self.conn_failed:
@@ -300,19 +324,28 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
             auth_type=self.getsymval("{auth_type}") or "",
             queue_id=self.getsymval("i") or "",
             mail_from=strip_brackets(mail_from), mail_params=tuple(params))
-        rc = self._early(Stage.MAIL, self.tx)
-        if rc != CONTINUE:
-            self._reset()  # refused: no transaction is open
-        return rc
+
+        def judged(rc: int) -> int:
+            if rc != CONTINUE:
+                self._reset()  # refused: no transaction is open
+            return rc
+
+        return self._early(Stage.MAIL, self.tx, judged)
 
     @_guarded("rcpt")
     def envrcpt(self, rcpt: str, *params: str) -> int:
+        return self.settle(self.begin_rcpt(rcpt, *params))
+
+    def begin_rcpt(self, rcpt: str, *params: str) -> int | Pending:
         recipients = (*self.tx.recipients, strip_brackets(rcpt))
         candidate = dataclasses.replace(self.tx, recipients=recipients)
-        rc = self._early(Stage.RCPT, candidate)
-        if rc == CONTINUE:
-            self.tx = candidate
-        return rc
+
+        def judged(rc: int) -> int:
+            if rc == CONTINUE:
+                self.tx = candidate
+            return rc
+
+        return self._early(Stage.RCPT, candidate, judged)
 
     @noreply
     @_guarded("header")
@@ -339,24 +372,37 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
     @_guarded("eom")
     def eom(self) -> int:
         try:
-            if self.msg_failed:
-                if self.spool_error:
-                    log.error("qid=%s cannot spool the body (%s): message tempfailed",
-                              self.getsymval("i") or self.queue_id, self.spool_error)
-                return self._reply(self.config.policy.error_reply, TEMPFAIL)
-            tx = dataclasses.replace(self.tx, headers=index_headers(self.headers),
-                                     body=self.spool,
-                                     queue_id=self.getsymval("i") or self.tx.queue_id)
-            self.tx = tx
-            tx, verdict = pipeline.evaluate(Stage.EOM, tx, self.snapshot, budget=self.budget,
-                                            observe=self._observe)
+            return self.settle(self.begin_eom())
+        finally:
+            self._reset()
+
+    def begin_eom(self) -> int | Pending:
+        """End of message; whoever calls it calls `end_message` once the reply is sent."""
+        if self.msg_failed:
+            if self.spool_error:
+                log.error("qid=%s cannot spool the body (%s): message tempfailed",
+                          self.getsymval("i") or self.queue_id, self.spool_error)
+            return self._reply(self.config.policy.error_reply, TEMPFAIL)
+        tx = dataclasses.replace(self.tx, headers=index_headers(self.headers),
+                                 body=self.spool,
+                                 queue_id=self.getsymval("i") or self.tx.queue_id)
+        self.tx = tx
+        run = pipeline.Run(Stage.EOM, tx, self.snapshot, budget=self.budget,
+                           observe=self._observe)
+
+        def judged() -> int:
+            tx, verdict = run.verdict()
             self._count(tx, verdict)
             self._log(tx, verdict)
             code = self._apply(verdict)
             self._report(tx, verdict)
             return code
-        finally:
-            self._reset()
+
+        return Pending("eom", run, judged)
+
+    def end_message(self) -> None:
+        """The message is over (after `begin_eom`'s reply): close its transaction."""
+        self.guard("eom", self._reset)
 
     @_guarded("abort")
     def abort(self) -> int:
@@ -388,10 +434,54 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
     def _observe(self, check: str, result: CheckResult, seconds: float) -> None:
         self.runtime.metrics.observe_check(check, seconds)
 
-    def _early(self, stage: Stage, tx: Transaction) -> int:
-        """Run the checks of MAIL or RCPT; act only on a reject or tempfail."""
-        tx, verdict = pipeline.evaluate(stage, tx, self.snapshot, budget=self.budget,
-                                        observe=self._observe)
+    # -- the two halves of a stage ----------------------------------------------------------
+
+    def guard(self, stage: str, func: Callable[..., Any], *args: Any) -> Any:
+        """`func(*args)`, containing any exception: count it, answer tempfail (or, where the
+        MTA takes no reply, remember to at the next stage that can), keep serving."""
+        try:
+            return func(*args)
+        except Exception:
+            log.exception("qid=%s unexpected error in %s", self.queue_id, stage)
+            self.runtime.metrics.errors.labels(stage=stage).inc()
+            # These callbacks may not reply (noreply): the next one that can will.
+            if stage in ("abort", "close"):
+                return CONTINUE
+            if stage in ("connect", "helo"):
+                self.conn_failed = stage
+                return CONTINUE
+            if stage in ("header", "body"):
+                self.msg_failed = stage
+                return CONTINUE
+            return self._reply(self.config.policy.error_reply, TEMPFAIL)
+
+    def proceed(self, step: Pending, *, inline: bool = False) -> int | Pending:
+        """Run `step`'s remaining checks and reply; with `inline`, `step` itself when a check
+        would wait (pipeline.Run.advance)."""
+        return self.guard(step.stage, self._proceed, step, inline)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _proceed(step: Pending, inline: bool) -> int | Pending:
+        if not step.run.advance(inline=inline):
+            return step
+        return step.then()
+
+    def settle(self, step: int | Pending) -> int:
+        """`step`'s reply, its checks run here, waiting for DNS as long as it takes."""
+        while isinstance(step, Pending):
+            step.run.advance()
+            step = step.then()
+        return step
+
+    def _early(self, stage: Stage, tx: Transaction, judged: Callable[[int], int]) -> Pending:
+        """The checks of MAIL or RCPT; `judged` gets the reply code."""
+        run = pipeline.Run(stage, tx, self.snapshot, budget=self.budget, observe=self._observe)
+        return Pending(stage.name.lower(), run, lambda: judged(self._judge_early(run)))
+
+    def _judge_early(self, run: pipeline.Run) -> int:
+        """Act only on a reject or tempfail."""
+        tx, verdict = run.verdict()
+        stage = tx.stage
         if verdict.action is Action.ACCEPT or verdict.reply is None:
             return CONTINUE
         m = self.runtime.metrics

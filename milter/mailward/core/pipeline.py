@@ -14,6 +14,13 @@ fields claiming our authserv-id are deleted and ours is added in every mode).
 A check outside its declared directions is not run; it is recorded as `none` ("outbound: not
 checked"). A check that reads the result of one that failed internally may not refuse
 permanently on it: its reject becomes a tempfail.
+
+`Run` is the same evaluation in steps, for an engine whose thread must not wait (the asyncio
+engine, adapter/aio.py): `advance(inline=True)` runs checks on cached DNS answers and stops
+before the first check that would have to wait (a lookup the cache cannot answer, or a
+rate-limit store in another process), discarding that check's unfinished attempt; the engine
+then has a worker thread `advance()` from that check on. No check runs twice to completion,
+so nothing is counted twice.
 """
 
 from __future__ import annotations
@@ -25,14 +32,14 @@ from collections.abc import Callable
 from typing import Any
 
 from mailward.core import policy
-from mailward.core.check import EVERY_OTHER, Context, Link
+from mailward.core.check import EVERY_OTHER, Context, Link, Service
 from mailward.core.config import Config
 from mailward.core.nets import in_networks
 from mailward.core.settings import Mode
 from mailward.core.snapshot import Snapshot
 from mailward.core.transaction import Direction, Stage, Transaction, domain_of
 from mailward.core.verdict import Action, CheckResult, Result, Verdict
-from mailward.services.dns import Budget
+from mailward.services.dns import Budget, Gate, WouldWait
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +79,7 @@ def run_link(link: Link[Any], tx: Transaction, ctx: Context) -> CheckResult:
         result = CheckResult(link.name, Result.TEMPERROR, action=link.on_error,
                              reason=f"internal error: {type(exc).__name__}",
                              internal_error=True)
-    if result.result is Result.TEMPERROR:  # DNS, Redis, a bug: an operator wants to know
+    if result.result is Result.TEMPERROR and not ctx.dns.refused:  # DNS, Redis, a bug
         log.warning("qid=%s check %s temperror at %s, %s: %s", tx.queue_id or "-", link.name,
                     tx.stage.name.lower(), result.action, result.reason)
     if link.mode is Mode.MONITOR:
@@ -98,6 +105,80 @@ def _contain(result: CheckResult, broken: set[str], config: Config) -> CheckResu
         reason=f"{result.reason} (not refused: {', '.join(sorted(broken))} failed internally)")
 
 
+class Run:
+    """The checks of one stage on one transaction, run by `advance` (see the module doc)."""
+
+    def __init__(self, stage: Stage, tx: Transaction, snapshot: Snapshot, *,
+                 budget: Budget | None = None, observe: Observer | None = None) -> None:
+        config = snapshot.config
+        self.snapshot = snapshot
+        self.tx = dataclasses.replace(tx, stage=stage, direction=classify(tx, config))
+        self.gate = Gate()
+        self.dns = snapshot.resolver.bind(budget if budget is not None
+                                          else Budget(config.dns.budget), self.gate)
+        self.observe = observe
+        self.links = [link for link in config.chain if stage in link.check.stages]
+        self.results: list[CheckResult] = []
+        self.broken: set[str] = set()
+        self.waits = 0  # how often an inline advance stopped (tests, metrics)
+
+    @property
+    def done(self) -> bool:
+        return len(self.results) == len(self.links)
+
+    def advance(self, *, inline: bool = False) -> bool:
+        """Run the checks not yet run; return whether all have. With `inline`, stop (and
+        return False) before a check that would wait."""
+        config = self.snapshot.config
+        self.gate.inline = inline
+        try:
+            while not self.done:
+                link = self.links[len(self.results)]
+                if inline and self._remote(link):
+                    self.waits += 1
+                    return False
+                start = time.perf_counter()
+                ctx = Context(site=config.milter, dns=self.dns, rates=self.snapshot.rates,
+                              results=tuple(self.results), metrics=self.snapshot.metrics)
+                try:
+                    result: CheckResult | None = run_link(link, self.tx, ctx)
+                except WouldWait:
+                    result = None
+                if result is None or self.gate.refused:  # a library may swallow WouldWait
+                    self.gate.refused = False
+                    self.waits += 1
+                    return False
+                if self.broken:  # only after an internal error: the usual path does no work
+                    result = _contain(result, _inputs(link, self.results) & self.broken,
+                                      config)
+                if result.internal_error:
+                    self.broken.add(link.name)
+                if self.observe is not None:
+                    self.observe(link.name, result, time.perf_counter() - start)
+                self.results.append(result)
+            return True
+        finally:
+            self.gate.inline = False
+
+    def _remote(self, link: Link[Any]) -> bool:
+        """Would `link` wait for another process, whatever the DNS cache holds?"""
+        return (Service.RATES in link.check.uses and self.tx.direction in link.check.directions
+                and self.snapshot.rates.spec.backend != "memory")
+
+    def verdict(self) -> tuple[Transaction, Verdict]:
+        """The transaction as the checks saw it and the verdict, once `done`."""
+        if not self.done:
+            raise RuntimeError("the verdict of a stage whose checks have not all run")
+        config = self.snapshot.config
+        verdict = policy.decide(tuple(self.results), config.policy,
+                                final=self.tx.stage is Stage.EOM)
+        if verdict.action is Action.QUARANTINE:
+            modes = {link.name: link.quarantine for link in config.chain}
+            verdict = policy.carry_out_quarantine(verdict, self.tx.headers, self.tx.direction,
+                                                  config.policy, modes)
+        return self.tx, verdict
+
+
 def evaluate(stage: Stage, tx: Transaction, snapshot: Snapshot, *,
              budget: Budget | None = None, observe: Observer | None = None
              ) -> tuple[Transaction, Verdict]:
@@ -107,30 +188,6 @@ def evaluate(stage: Stage, tx: Transaction, snapshot: Snapshot, *,
     before end of message only a reject or tempfail is decisive. `budget` is the message's DNS
     time (one per transaction, shared by its stages); a fresh one when not given.
     """
-    config = snapshot.config
-    tx = dataclasses.replace(tx, stage=stage, direction=classify(tx, config))
-    if budget is None:
-        budget = Budget(config.dns.budget)
-    dns = snapshot.resolver.bind(budget)
-    results: list[CheckResult] = []
-    broken: set[str] = set()
-    for link in config.chain:
-        if stage not in link.check.stages:
-            continue
-        start = time.perf_counter()
-        ctx = Context(site=config.milter, dns=dns, rates=snapshot.rates,
-                      results=tuple(results), metrics=snapshot.metrics)
-        result = run_link(link, tx, ctx)
-        if broken:  # only after an internal error: the usual path does no work here
-            result = _contain(result, _inputs(link, results) & broken, config)
-        if result.internal_error:
-            broken.add(link.name)
-        if observe is not None:
-            observe(link.name, result, time.perf_counter() - start)
-        results.append(result)
-    verdict = policy.decide(tuple(results), config.policy, final=stage is Stage.EOM)
-    if verdict.action is Action.QUARANTINE:
-        modes = {link.name: link.quarantine for link in config.chain}
-        verdict = policy.carry_out_quarantine(verdict, tx.headers, tx.direction, config.policy,
-                                              modes)
-    return tx, verdict
+    run = Run(stage, tx, snapshot, budget=budget, observe=observe)
+    run.advance()
+    return run.verdict()

@@ -100,6 +100,7 @@ class MilterSettings:
     """
 
     socket: str = "unix:/var/spool/postfix/mailward/milter.sock"
+    engine: str = "asyncio"  # or libmilter (adapter/aio.py, adapter/milter.py)
     timeout: float = 60.0
     stop_grace: float = 30.0
     authserv_id: str = ""
@@ -120,6 +121,7 @@ class MilterSettings:
             socket=sec.parse("socket", cls.socket,
                              "inet:PORT@HOST, inet6:PORT@ADDRESS or unix:/absolute/path",
                              parse_socket),
+            engine=sec.parse("engine", cls.engine, "asyncio or libmilter", _engine),
             timeout=sec.seconds("timeout", cls.timeout, maximum=3600),
             stop_grace=sec.seconds("stop_grace", cls.stop_grace, maximum=3600),
             authserv_id=authserv_id,
@@ -134,6 +136,15 @@ class MilterSettings:
             log_level=sec.parse("log_level", "info", "one of debug, info, warning, error",
                                 _log_level),
         )
+
+
+ENGINES = ("asyncio", "libmilter")
+
+
+def _engine(value: str) -> str:
+    if value not in ENGINES:
+        raise ValueError(value)
+    return value
 
 
 def _spool_threshold(sec: Section) -> int:

@@ -512,6 +512,11 @@ class MailwardProcess:
                                        metrics_port=self.metrics_port, dns_port=self.dns_port)
         # the report store in this directory, unless the config says where
         text = merge_ini(f"[reports]\nsqlite_path = {self.workdir / 'reports.sqlite'}\n", text)
+        # MAILWARD_TEST_ENGINE: the milter engine, unless the config says which (the suite
+        # runs once with each: Makefile)
+        engine = os.environ.get("MAILWARD_TEST_ENGINE")
+        if engine:
+            text = merge_ini(f"[milter]\nengine = {engine}\n", text)
         self.config_path().write_text(text)
 
     def start(self) -> None:

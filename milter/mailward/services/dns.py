@@ -10,6 +10,12 @@ never to `fail` or `none`); these are not cached, so the next message asks again
 Checks get a `BoundResolver`: the one shared resolver plus the message's `Budget`, the DNS time
 all lookups of one message may take together (`[dns] budget`); when it runs out, lookups raise
 `DnsTimeout` at once and the check reports temperror.
+
+A `Gate` lets a caller that must not wait (the asyncio engine's event loop thread) run checks
+on cached answers only: with `gate.inline` set, a lookup the cache cannot answer marks the gate
+`refused` and raises `WouldWait` instead of asking. `WouldWait` is a BaseException, because
+checks (and pyspf) contain every Exception; pyspf's bare `except:` can even swallow it, which
+is why the mark on the gate, not the exception, is what the pipeline reads.
 """
 
 from __future__ import annotations
@@ -44,6 +50,18 @@ class DnsTimeout(DnsError, TimeoutError):
 
 class DnsServFail(DnsError):
     """The servers answered SERVFAIL/REFUSED, or an unusable response."""
+
+
+class WouldWait(BaseException):
+    """A lookup the cache cannot answer, asked through an inline `Gate`."""
+
+
+@dataclass(slots=True)
+class Gate:
+    """Whether lookups may wait (`inline` False) and whether one was refused for it."""
+
+    inline: bool = False
+    refused: bool = False
 
 
 def parse_nameserver(word: str) -> tuple[str, int]:
@@ -126,12 +144,13 @@ class Resolver:
 
     # -- the one entry point --------------------------------------------------------------
 
-    def query(self, name: str, rtype: str, *, budget: Budget | None = None
-              ) -> tuple[Rdata, ...]:
+    def query(self, name: str, rtype: str, *, budget: Budget | None = None,
+              gate: Gate | None = None) -> tuple[Rdata, ...]:
         """The records of `rtype` at `name`; `()` for NXDOMAIN or no such records.
 
         With a `budget`, the lookup may take no longer than what is left of it (and is
-        charged for its time); an exhausted budget raises `DnsTimeout` without asking.
+        charged for its time); an exhausted budget raises `DnsTimeout` without asking. With
+        an inline `gate`, a lookup that would have to ask raises `WouldWait` (see above).
         """
         key = (name.lower().rstrip("."), dns.rdatatype.from_text(rtype))
         if not valid_name(key[0]):
@@ -146,6 +165,9 @@ class Resolver:
                 self._cache.move_to_end(key)
                 self._count(rtype, "cached", 0.0)
                 return hit[1]
+        if gate is not None and gate.inline:
+            gate.refused = True
+            raise WouldWait(f"{name} {rtype}")
         lifetime = self.settings.lifetime
         if budget is not None:
             lifetime = min(lifetime, budget.remaining())
@@ -181,13 +203,16 @@ class Resolver:
         self._count(rtype, "ok", elapsed)
         return records
 
-    def txt(self, name: str, *, budget: Budget | None = None) -> tuple[bytes, ...]:
+    def txt(self, name: str, *, budget: Budget | None = None,
+            gate: Gate | None = None) -> tuple[bytes, ...]:
         """Each TXT record at `name`, its strings joined (RFC 7208 §3.3, RFC 6376 §3.6.2.2)."""
-        return tuple(b"".join(r.strings) for r in self.query(name, "TXT", budget=budget))
+        return tuple(b"".join(r.strings)
+                     for r in self.query(name, "TXT", budget=budget, gate=gate))
 
-    def bind(self, budget: Budget) -> BoundResolver:
-        """This resolver as one transaction sees it: every lookup charged to `budget`."""
-        return BoundResolver(self, budget)
+    def bind(self, budget: Budget, gate: Gate | None = None) -> BoundResolver:
+        """This resolver as one transaction sees it: every lookup charged to `budget`, and
+        refused when `gate` says lookups may not wait."""
+        return BoundResolver(self, budget, gate)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -247,12 +272,18 @@ class BoundResolver:
 
     resolver: Resolver
     budget: Budget
+    gate: Gate | None = None
+
+    @property
+    def refused(self) -> bool:
+        """Was a lookup refused because it would have waited (see `Gate`)?"""
+        return self.gate is not None and self.gate.refused
 
     def query(self, name: str, rtype: str) -> tuple[Rdata, ...]:
-        return self.resolver.query(name, rtype, budget=self.budget)
+        return self.resolver.query(name, rtype, budget=self.budget, gate=self.gate)
 
     def txt(self, name: str) -> tuple[bytes, ...]:
-        return self.resolver.txt(name, budget=self.budget)
+        return self.resolver.txt(name, budget=self.budget, gate=self.gate)
 
     def dkim_txt(self, name: bytes | str, timeout: object = None) -> bytes | None:
         """dkimpy's `dnsfunc`: the first TXT record at `name`, or None. Raises DnsError."""

@@ -17,7 +17,9 @@ VERDICTS = ("accept", "reject", "tempfail", "discard", "quarantine")
 DMARC_POLICIES = ("none", "quarantine", "reject")
 REPORT_ROWS = ("queued", "dropped", "error")
 REPORTS_INGESTED = ("accepted", "duplicate", "rejected", "bomb", "dropped", "error")
-STAGES = ("connect", "helo", "mail", "rcpt", "header", "body", "eom", "abort", "close")
+# the adapter's callbacks, and "protocol": a malformed packet from the MTA (adapter/aio.py)
+STAGES = ("connect", "helo", "mail", "rcpt", "header", "body", "eom", "abort", "close",
+          "protocol")
 
 
 class Metrics:

@@ -1,0 +1,282 @@
+"""The asyncio engine (adapter/aio.py) over a real unix socket, spoken to as an MTA would.
+
+The real-Postfix and Sendmail tests run on this engine too (it is the default); these reach
+what an MTA does not: inline checks against worker threads, protocol errors, idle MTAs,
+connections lost while a worker holds their stage.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from mailward.adapter import aio
+from mailward.adapter import protocol as proto
+from mailward.adapter.milter import FLAGS, MailwardMilter, ServeError
+from mailward.lab.dns import Nameserver
+from tests.adapter.test_milter import Runtime
+from tests.conftest import make_config
+
+ZONE = """
+bank.example.          TXT "v=spf1 ip4:203.0.113.5 -all"
+_dmarc.bank.example.   TXT "v=DMARC1; p=reject"
+"""
+FINAL = {b"a", b"c", b"r", b"t", b"d", b"y"}
+
+
+class Mta:
+    """The MTA's side of one milter connection (closed at the end of the test)."""
+
+    opened: ClassVar[list[socket.socket]] = []
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        Mta.opened.append(self.sock)
+        self.sock.settimeout(15)
+        self.sock.connect(str(path))
+
+    def send(self, command: bytes, data: bytes = b"") -> None:
+        self.sock.sendall(proto.packet(command, data))
+
+    def read(self) -> tuple[bytes, bytes]:
+        head = self._exactly(4)
+        (length,) = struct.unpack(">I", head)
+        body = self._exactly(length)
+        return body[:1], body[1:]
+
+    def answer(self) -> list[tuple[bytes, bytes]]:
+        """Packets up to and including the next final reply."""
+        out = [self.read()]
+        while out[-1][0] not in FINAL:
+            out.append(self.read())
+        return out
+
+    def closed(self, wait: float = 5) -> bool:
+        self.sock.settimeout(wait)
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+    def _exactly(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = self.sock.recv(size - len(data))
+            if not chunk:
+                raise ConnectionError("the milter closed the connection")
+            data += chunk
+        return data
+
+    def negotiate(self) -> tuple[int, int, int]:
+        self.send(b"O", struct.pack(">III", 6, 0x1FF, 0x1FFFFF))
+        command, data = self.read()
+        assert command == b"O"
+        return struct.unpack(">III", data)
+
+    def message(self, author: str, *, client: str = "203.0.113.5", quit_: bool = True
+                ) -> list[tuple[bytes, bytes]]:
+        """One SMTP session of one message; the packets of the final answer."""
+        self.negotiate()
+        self.send(b"D", b"C{daemon_name}\0smtpd\0")
+        self.send(b"C", b"client.example\0" + b"4" + struct.pack(">H", 40000)
+                  + client.encode() + b"\0")
+        self.send(b"H", b"client.example\0")
+        self.send(b"D", b"Mi\0ABC123\0")
+        self.send(b"M", f"<ceo@{author}>\0".encode())
+        assert self.answer() == [(b"c", b"")]
+        self.send(b"R", b"<bob@example.net>\0")
+        assert self.answer() == [(b"c", b"")]
+        for name, value in (("From", f" ceo@{author}"), ("To", " bob@example.net"),
+                            ("Subject", " hi")):
+            self.send(b"L", name.encode() + b"\0" + value.encode() + b"\0")
+        self.send(b"B", b"Hello.\r\n")
+        self.send(b"E")
+        answer = self.answer()
+        if quit_:
+            self.send(b"Q")
+        return answer
+
+
+@pytest.fixture(autouse=True)
+def _close_mtas() -> Iterator[None]:
+    yield
+    while Mta.opened:
+        Mta.opened.pop().close()
+
+
+@pytest.fixture
+def runtime(nameserver: Nameserver) -> Runtime:
+    nameserver.load_zone(ZONE)
+    return Runtime(make_config(
+        f"[milter]\nauthserv_id = mx.example.com\n"
+        f"[dns]\nnameservers = 127.0.0.1:{nameserver.port}\n"
+        f"[policy]\nchecks = spf, dkim, dmarc, authres\n"))
+
+
+@pytest.fixture
+def served(runtime: Runtime, tmp_path: Path) -> Iterator[tuple[aio.Engine, Path]]:
+    yield from _serve(runtime, tmp_path, timeout=60)
+
+
+def _serve(runtime: Runtime, tmp_path: Path, *, timeout: float
+           ) -> Iterator[tuple[aio.Engine, Path]]:
+    path = tmp_path / "milter.sock"
+    engine = aio.Engine(runtime, socket=f"unix:{path}", timeout=timeout)
+    ready = threading.Event()
+    thread = threading.Thread(target=engine.serve, kwargs={"on_ready": ready.set})
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield engine, path
+    finally:
+        engine.stop()
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def until(condition: object, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_negotiation_asks_what_pymilter_would(served: tuple[aio.Engine, Path]) -> None:
+    _, path = served
+    version, actions, steps = Mta(path).negotiate()
+    assert (version, actions) == (6, FLAGS)
+    assert steps == 0x1FFFFF & ~MailwardMilter.protocol_mask()
+    assert steps & proto.HDR_LEADSPC and steps & proto.NOREPLY_BIT[b"L"]
+
+
+def test_a_cold_cache_sends_the_stage_to_a_worker_and_a_warm_one_stays_inline(
+        served: tuple[aio.Engine, Path], runtime: Runtime, nameserver: Nameserver) -> None:
+    engine, path = served
+    answer = Mta(path).message("bank.example")
+    assert answer[-1] == (b"a", b"")
+    added = [data for command, data in answer if command == b"i"]
+    assert len(added) == 1 and b"dmarc=pass" in added[0] and b"mx.example.com" in added[0]
+    waited, asked = engine.waited, len(nameserver.queries)
+    assert waited >= 1 and asked >= 2
+    # the same mail again: every answer cached, every stage inline, nothing asked
+    assert Mta(path).message("bank.example")[-1] == (b"a", b"")
+    assert (engine.waited, len(nameserver.queries)) == (waited, asked)
+    until(lambda: runtime.metrics.connections_active._value.get() == 0)
+    assert runtime.drain.open == 0
+
+
+def test_a_refusal_is_a_reply_code(served: tuple[aio.Engine, Path],
+                                   nameserver: Nameserver) -> None:
+    nameserver.load_zone('spoof.example. TXT "v=spf1 -all"\n'
+                         '_dmarc.spoof.example. TXT "v=DMARC1; p=reject"\n')
+    _, path = served
+    answer = Mta(path).message("spoof.example")
+    assert answer[-1][0] == b"y"
+    assert answer[-1][1].startswith(b"550 5.7.1 Rejected by the DMARC policy")
+
+
+def test_the_mta_may_keep_the_connection_for_its_next_session(
+        served: tuple[aio.Engine, Path], runtime: Runtime) -> None:
+    _, path = served
+    mta = Mta(path)
+    assert mta.message("bank.example", quit_=False)[-1] == (b"a", b"")
+    mta.send(b"K")  # QUIT_NC: a new SMTP session follows on this connection
+    assert mta.message("bank.example")[-1] == (b"a", b"")
+    assert mta.closed()
+    until(lambda: runtime.metrics.connections_active._value.get() == 0)
+
+
+@pytest.mark.parametrize("stream", [
+    proto.packet(b"M", b"<a@b>\0"),  # before the option negotiation
+    struct.pack(">I", proto.MAX_PACKET + 1) + b"B",  # too large
+    struct.pack(">I", 0),  # no command
+    proto.packet(b"O", b"\0\0\0\x06"),  # a short negotiation
+])
+def test_a_protocol_error_closes_that_connection_only(
+        served: tuple[aio.Engine, Path], runtime: Runtime, stream: bytes) -> None:
+    _, path = served
+    errors = runtime.metrics.errors.labels(stage="protocol")._value.get()
+    bad = Mta(path)
+    bad.sock.sendall(stream)
+    assert bad.closed()
+    assert runtime.metrics.errors.labels(stage="protocol")._value.get() == errors + 1
+    assert Mta(path).message("bank.example")[-1] == (b"a", b"")  # the others go on
+
+
+def test_garbage_after_negotiation_closes_the_connection(
+        served: tuple[aio.Engine, Path], runtime: Runtime) -> None:
+    _, path = served
+    for command, data in ((b"C", b"host"), (b"L", b"Subject"), (b"M", b"no-nul"),
+                          (b"Z", b"")):
+        mta = Mta(path)
+        mta.negotiate()
+        mta.send(command, data)
+        assert mta.closed(), command
+    until(lambda: runtime.metrics.connections_active._value.get() == 0)
+
+
+def test_an_mta_offering_too_few_actions_is_refused(served: tuple[aio.Engine, Path]) -> None:
+    _, path = served
+    mta = Mta(path)
+    mta.send(b"O", struct.pack(">III", 6, 0x01, 0x1FFFFF))  # may add headers, nothing else
+    assert mta.closed()
+
+
+def test_an_idle_mta_is_disconnected(runtime: Runtime, tmp_path: Path) -> None:
+    for _engine, path in _serve(runtime, tmp_path, timeout=0.3):
+        mta = Mta(path)
+        mta.negotiate()
+        start = time.monotonic()
+        assert mta.closed(wait=5)
+        assert 0.2 < time.monotonic() - start < 4
+
+
+def test_a_connection_lost_while_a_worker_has_its_stage_ends_cleanly(
+        served: tuple[aio.Engine, Path], runtime: Runtime, nameserver: Nameserver) -> None:
+    engine, path = served
+    nameserver.delay = 0.5
+    mta = Mta(path)
+    mta.negotiate()
+    mta.send(b"C", b"client.example\0" + b"4" + struct.pack(">H", 40000)
+             + b"203.0.113.5\0")
+    mta.send(b"M", b"<ceo@bank.example>\0")
+    mta.send(b"R", b"<bob@example.net>\0")
+    for name, value in ((b"From", b" ceo@bank.example"), (b"Subject", b" hi")):
+        mta.send(b"L", name + b"\0" + value + b"\0")
+    mta.send(b"E")
+    until(lambda: engine.waited >= 1)  # end of message waits for DNS in a worker
+    mta.sock.close()
+    until(lambda: runtime.metrics.connections_active._value.get() == 0)
+    assert runtime.drain.open == 0
+
+
+def test_the_socket_is_restricted_and_removed_at_stop(runtime: Runtime,
+                                                      tmp_path: Path) -> None:
+    path = tmp_path / "milter.sock"
+    path.touch()
+    with pytest.raises(ServeError, match="not a socket"):
+        aio.Engine(runtime, socket=f"unix:{path}", timeout=5).serve()
+    path.unlink()
+    for _engine, served_path in _serve(runtime, tmp_path, timeout=5):
+        mode = stat.S_IMODE(os.stat(served_path).st_mode)
+        assert mode == 0o660
+    assert not path.exists()
+
+
+def test_stop_ends_serve_with_connections_open(runtime: Runtime, tmp_path: Path) -> None:
+    for engine, path in _serve(runtime, tmp_path, timeout=60):
+        mta = Mta(path)
+        mta.negotiate()
+        engine.stop()
+        assert mta.closed()
