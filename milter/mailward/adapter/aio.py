@@ -67,17 +67,18 @@ class MtaContext:
     """What pymilter's milterContext does for Milter.Base, as packets for the MTA."""
 
     def __init__(self) -> None:
-        self.macros: list[dict[str, str]] = [{} for _ in MACRO_STAGES]
+        # per stage: the pairs as sent, decoded when first read (most never are)
+        self.macros: list[dict[str, str] | bytes] = [{} for _ in MACRO_STAGES]
         self.out: list[bytes] = []
         self.reply: bytes | None = None
 
     def setpriv(self, _priv: object) -> None:
         pass
 
-    def set_macros(self, command: bytes, values: dict[str, str]) -> None:
+    def set_macros(self, command: bytes, raw: bytes) -> None:
         stage = MACRO_STAGES.get(command)
         if stage is not None:
-            self.macros[stage] = values
+            self.macros[stage] = raw
 
     def clear_message_macros(self) -> None:
         """After a message or an abort: what MAIL and later stages said is gone (libmilter)."""
@@ -88,7 +89,10 @@ class MtaContext:
         """As smfi_getsymval: `{x}` also finds `x`, and `x` finds `{x}`."""
         other = (name[1] if len(name) == 3 and name[0] == "{" and name[2] == "}"
                  else f"{{{name}}}" if len(name) == 1 else None)
-        for values in reversed(self.macros):
+        for stage in range(len(self.macros) - 1, -1, -1):
+            values = self.macros[stage]
+            if isinstance(values, bytes):
+                values = self.macros[stage] = proto.macro_pairs(values)
             if name in values:
                 return values[name]
             if other is not None and other in values:
@@ -134,25 +138,24 @@ class Connection(asyncio.Protocol):
         self.steps = 0  # the protocol steps negotiated
         self.busy = False  # a worker thread has this connection's milter
         self.lost = False
-        self.idle: asyncio.TimerHandle | None = None
+        self.heard = 0.0  # when the MTA last sent something (the loop's clock)
 
     # -- asyncio's side ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.heard = self.engine.loop.time()
         self.engine.connections.add(self)
-        self._watch()
 
     def connection_lost(self, _exc: Exception | None) -> None:
         self.lost = True
         self.engine.connections.discard(self)
-        if self.idle is not None:
-            self.idle.cancel()
         if not self.busy:
             self._close_milter()  # else when the worker is done (`_done`)
 
     def data_received(self, data: bytes) -> None:
+        self.heard = self.engine.loop.time()
         try:
             self.queue.extend(self.reader.feed(data))
         except proto.ProtocolError as exc:
@@ -181,7 +184,6 @@ class Connection(asyncio.Protocol):
             self._fail(exc)
             return
         self._send(out)
-        self._watch()
 
     def _send(self, out: list[bytes]) -> None:
         data = b"".join(out)
@@ -195,8 +197,7 @@ class Connection(asyncio.Protocol):
         if m is None:
             raise proto.ProtocolError(f"command {command!r} before the option negotiation")
         if command == proto.MACRO:
-            owner, values = proto.macros(data)
-            self.ctx.set_macros(owner, values)
+            self.ctx.set_macros(*proto.macro_block(data))
             return b""
         if command == proto.BODY:
             return self._answer(command, m.body(data))
@@ -262,8 +263,6 @@ class Connection(asyncio.Protocol):
             step = m.proceed(step, inline=True)
         if isinstance(step, Pending):
             self.busy = True
-            if self.idle is not None:
-                self.idle.cancel()
             assert self.transport is not None
             self.transport.pause_reading()
             future = self.engine.loop.run_in_executor(self.engine.pool, m.proceed, step)
@@ -283,6 +282,7 @@ class Connection(asyncio.Protocol):
     def _done(self, command: bytes, future: asyncio.Future[int | Pending]) -> None:
         """A worker finished a stage: reply, and go on with what the MTA sent meanwhile."""
         self.busy = False
+        self.heard = self.engine.loop.time()  # the MTA waited for us, not we for it
         if future.cancelled():  # stopping: the MTA tempfails what was open
             rc: int | Pending = TEMPFAIL
         else:
@@ -296,16 +296,11 @@ class Connection(asyncio.Protocol):
         self.transport.resume_reading()
         self._work()
 
-    def _watch(self) -> None:
-        """(Re)start the idle timer: an MTA that says nothing for `timeout` is dropped."""
-        if self.idle is not None:
-            self.idle.cancel()
-        if not self.lost:
-            self.idle = self.engine.loop.call_later(self.engine.timeout, self._expire)
-
-    def _expire(self) -> None:
-        if not self.busy and self.transport is not None:
+    def expire(self, now: float) -> None:
+        """Drop an MTA that has said nothing for `timeout` while we owed it nothing."""
+        if not self.busy and not self.lost and now - self.heard > self.engine.timeout:
             log.info("milter connection idle for %gs: closed", self.engine.timeout)
+            assert self.transport is not None
             self.transport.close()
 
     def _fail(self, exc: Exception) -> None:
@@ -355,6 +350,7 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         server, path = await self._listen()
+        self._sweep()
         try:
             if on_ready is not None:
                 on_ready()
@@ -369,6 +365,13 @@ class Engine:
             await asyncio.sleep(0)  # let the aborted connections' connection_lost run
             if path:
                 _unlink_socket(path)
+
+    def _sweep(self) -> None:
+        """Close idle connections; again in a quarter of `timeout` (one timer for all)."""
+        now = self.loop.time()
+        for conn in list(self.connections):
+            conn.expire(now)
+        self.loop.call_later(max(0.05, min(self.timeout / 4, 5.0)), self._sweep)
 
     async def _listen(self) -> tuple[asyncio.Server, str]:
         kind, _, rest = self.socket.partition(":")

@@ -118,10 +118,23 @@ def options(data: bytes) -> Options:
 def macros(data: bytes) -> tuple[bytes, dict[str, str]]:
     """MACRO: the command they belong to and the name → value pairs (an odd one is dropped,
     as libmilter does)."""
+    command, raw = macro_block(data)
+    return command, macro_pairs(raw)
+
+
+def macro_block(data: bytes) -> tuple[bytes, bytes]:
+    """MACRO checked but not decoded: the command, and the pairs as sent (`macro_pairs`).
+    The MTA sends several per message; most are never read."""
     if not data:
         raise ProtocolError("MACRO without a command")
-    words = strings(data[1:], at_least=0) if len(data) > 1 else []
-    return data[:1], dict(zip(words[0::2], words[1::2], strict=False))
+    if len(data) > 1 and not data.endswith(b"\0"):
+        raise ProtocolError("a string without its terminating NUL")
+    return data[:1], data[1:]
+
+
+def macro_pairs(raw: bytes) -> dict[str, str]:
+    words = strings(raw, at_least=0) if raw else []
+    return dict(zip(words[0::2], words[1::2], strict=False))
 
 
 @dataclass(frozen=True, slots=True)
