@@ -15,7 +15,8 @@ from mailward.app import limit_malloc_arenas
 ARENAS = """
 import ctypes, sys, threading
 from mailward.app import limit_malloc_arenas
-print(limit_malloc_arenas() if sys.argv[1] == "capped" else None)
+print({"capped": limit_malloc_arenas, "one": lambda: limit_malloc_arenas(1),
+       "free": lambda: None}[sys.argv[1]]())
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -44,6 +45,12 @@ def test_the_milter_keeps_two_malloc_arenas() -> None:
     assert said == "True" and capped <= 2
     said, free = arenas("free", env)
     assert said == "None" and free > 2  # without the cap, glibc makes more
+
+
+def test_the_asyncio_engine_keeps_one_malloc_arena() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    said, count = arenas("one", env)
+    assert said == "True" and count == 1
 
 
 def test_the_environment_wins(monkeypatch: pytest.MonkeyPatch) -> None:
