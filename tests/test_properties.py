@@ -559,7 +559,7 @@ def test_any_command_sequence_gets_replies_or_a_closed_connection(packets: list[
         conn = aio.Connection(engine)
         transport = _Transport()
         conn.connection_made(transport)
-        conn.data_received(b"".join(packets))
+        conn.received(b"".join(packets))
         assert not conn.busy
         replies = proto.Reader().feed(transport.written)  # well-formed packets only
         assert all(command in b"OcartdyhimqQ" for command, _ in replies)

@@ -280,3 +280,22 @@ def test_stop_ends_serve_with_connections_open(runtime: Runtime, tmp_path: Path)
         mta.negotiate()
         engine.stop()
         assert mta.closed()
+
+
+def test_packets_longer_than_one_read_arrive_whole(served: tuple[aio.Engine, Path]) -> None:
+    """A 300 KiB header field spans several reads of the loop's 64 KiB buffer."""
+    _, path = served
+    mta = Mta(path)
+    mta.negotiate()
+    mta.send(b"C", b"client.example\0" + b"4" + struct.pack(">H", 40000) + b"203.0.113.5\0")
+    mta.send(b"M", b"<ceo@bank.example>\0")
+    assert mta.answer() == [(b"c", b"")]
+    mta.send(b"R", b"<bob@example.net>\0")
+    assert mta.answer() == [(b"c", b"")]
+    long = b" " + b"x" * (300 * 1024)
+    mta.send(b"L", b"X-Long\0" + long + b"\0")
+    mta.send(b"L", b"From\0 ceo@bank.example\0")
+    mta.send(b"E")
+    answer = mta.answer()
+    assert answer[-1] == (b"a", b"")
+    assert any(command == b"i" and b"dmarc=pass" in data for command, data in answer)

@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 # at most the message's DNS budget; libmilter would have a thread per connection instead.
 WAIT_THREADS = 64
 
+# Bytes read at once from an MTA connection (the loop's one read buffer)
+READ_SIZE = 64 * 1024
+
 CODES = {CONTINUE: proto.CONTINUE, REJECT: proto.REJECT, TEMPFAIL: proto.TEMPFAIL,
          DISCARD: proto.DISCARD}
 ACCEPT_CODE = proto.ACCEPT
@@ -125,8 +128,12 @@ class MtaContext:
         return edits + proto.packet(CODES.get(rc, ACCEPT_CODE))
 
 
-class Connection(asyncio.Protocol):
-    """One MTA connection: packets in, the adapter's callbacks, replies out."""
+class Connection(asyncio.BufferedProtocol):
+    """One MTA connection: packets in, the adapter's callbacks, replies out.
+
+    A BufferedProtocol: the loop reads into the engine's one buffer (`get_buffer`), so a read
+    allocates what arrived, not asyncio's 256 KiB (an mmap, mremap and munmap per read).
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -154,7 +161,14 @@ class Connection(asyncio.Protocol):
         if not self.busy:
             self._close_milter()  # else when the worker is done (`_done`)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, _sizehint: int) -> memoryview:
+        return self.engine.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # the loop calls this right after reading into the buffer, before any other read
+        self.received(bytes(self.engine.buffer[:nbytes]))
+
+    def received(self, data: bytes) -> None:
         self.heard = self.engine.loop.time()
         try:
             self.queue.extend(self.reader.feed(data))
@@ -327,6 +341,7 @@ class Engine:
         self.pool = concurrent.futures.ThreadPoolExecutor(WAIT_THREADS,
                                                           thread_name_prefix="mailward-wait")
         self.waited = 0  # stages handed to a worker thread
+        self.buffer = memoryview(bytearray(READ_SIZE))  # every connection reads into it
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._stopping = threading.Event()
