@@ -299,3 +299,33 @@ def test_packets_longer_than_one_read_arrive_whole(served: tuple[aio.Engine, Pat
     answer = mta.answer()
     assert answer[-1] == (b"a", b"")
     assert any(command == b"i" and b"dmarc=pass" in data for command, data in answer)
+
+
+def test_an_mta_that_reads_no_replies_gets_no_more_read(served: tuple[aio.Engine, Path]
+                                                        ) -> None:
+    """Replies the MTA does not read must not pile up in memory: once the socket's buffer is
+    full, the engine reads nothing more from that MTA until it reads its replies."""
+    engine, path = served
+    mta = Mta(path)
+    mta.negotiate()
+    mta.sock.setblocking(False)
+    chunk = proto.packet(b"T") * 20000  # DATA, a step we asked to skip: each answered `c`
+    sent, stalled = 0, time.monotonic()
+    while sent < 40 * len(chunk) and time.monotonic() - stalled < 1:
+        try:
+            sent += mta.sock.send(chunk[sent % len(chunk):])
+            stalled = time.monotonic()
+        except BlockingIOError:
+            time.sleep(0.01)
+    (conn,) = engine.connections
+    assert conn.transport is not None
+    assert conn.transport.get_write_buffer_size() < 1024 * 1024, sent
+    mta.sock.settimeout(15)
+    size = len(proto.packet(b"T"))
+    for _ in range(sent // size):  # every command answered, in order
+        assert mta.read() == (b"c", b"")
+    if sent % size:  # the rest of a packet sent in part
+        mta.sock.sendall(proto.packet(b"T")[sent % size:])
+        assert mta.read() == (b"c", b"")
+    mta.send(b"Q")
+    assert mta.closed()

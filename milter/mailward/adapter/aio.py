@@ -144,6 +144,7 @@ class Connection(asyncio.BufferedProtocol):
         self.milter: MailwardMilter | None = None
         self.steps = 0  # the protocol steps negotiated
         self.busy = False  # a worker thread has this connection's milter
+        self.blocked = False  # the MTA does not read our replies (asyncio's pause_writing)
         self.lost = False
         self.heard = 0.0  # when the MTA last sent something (the loop's clock)
 
@@ -161,6 +162,20 @@ class Connection(asyncio.BufferedProtocol):
         if not self.busy:
             self._close_milter()  # else when the worker is done (`_done`)
 
+    def pause_writing(self) -> None:
+        """Our replies fill the socket's buffer: read nothing more from this MTA until it
+        reads them, or they would pile up in memory."""
+        self.blocked = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.blocked = False
+        if not self.busy and not self.lost:
+            assert self.transport is not None
+            self.transport.resume_reading()
+            self._work()
+
     def get_buffer(self, _sizehint: int) -> memoryview:
         return self.engine.buffer
 
@@ -175,7 +190,7 @@ class Connection(asyncio.BufferedProtocol):
         except proto.ProtocolError as exc:
             self._fail(exc)
             return
-        if not self.busy:
+        if not self.busy and not self.blocked:
             self._work()
 
     # -- the protocol ------------------------------------------------------------------------
@@ -185,7 +200,7 @@ class Connection(asyncio.BufferedProtocol):
         assert self.transport is not None
         out: list[bytes] = []
         try:
-            while self.queue and not self.busy and not self.lost:
+            while self.queue and not self.busy and not self.blocked and not self.lost:
                 command, data = self.queue.popleft()
                 answer = self._command(command, data)
                 if answer is None:  # QUIT
@@ -307,8 +322,9 @@ class Connection(asyncio.BufferedProtocol):
             return
         assert self.transport is not None
         self._send([answer])
-        self.transport.resume_reading()
-        self._work()
+        if not self.blocked:
+            self.transport.resume_reading()
+            self._work()
 
     def expire(self, now: float) -> None:
         """Drop an MTA that has said nothing for `timeout` while we owed it nothing."""
