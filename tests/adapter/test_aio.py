@@ -329,3 +329,21 @@ def test_an_mta_that_reads_no_replies_gets_no_more_read(served: tuple[aio.Engine
         assert mta.read() == (b"c", b"")
     mta.send(b"Q")
     assert mta.closed()
+
+
+def test_an_idle_mta_that_reads_no_replies_is_disconnected(runtime: Runtime,
+                                                           tmp_path: Path) -> None:
+    for engine, path in _serve(runtime, tmp_path, timeout=0.3):
+        mta = Mta(path)
+        mta.negotiate()
+        mta.send(b"C", b"client.example\0" + b"4" + struct.pack(">H", 40000)
+                 + b"203.0.113.5\0")
+        mta.sock.setblocking(False)
+        chunk = proto.packet(b"T") * 20000
+        try:
+            while True:  # until the socket's buffers are full both ways
+                mta.sock.send(chunk)
+        except BlockingIOError:
+            pass
+        until(lambda e=engine: not e.connections)  # not held open by the unread replies
+        assert runtime.metrics.connections_active._value.get() == 0
