@@ -347,3 +347,10 @@ def test_an_idle_mta_that_reads_no_replies_is_disconnected(runtime: Runtime,
             pass
         until(lambda e=engine: not e.connections)  # not held open by the unread replies
         assert runtime.metrics.connections_active._value.get() == 0
+
+
+def test_stop_after_serve_has_returned_is_harmless(runtime: Runtime, tmp_path: Path) -> None:
+    for engine, _path in _serve(runtime, tmp_path, timeout=60):
+        engine.stop()
+        until(lambda e=engine: e.loop.is_closed())
+        engine.stop()  # e.g. app.py's stop racing an engine that has already ended

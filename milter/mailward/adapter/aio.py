@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import os
 import socket as socketlib
@@ -375,7 +376,8 @@ class Engine:
         self._stopping.set()
         loop, event = self._loop, self._stop
         if loop is not None and event is not None:
-            loop.call_soon_threadsafe(event.set)
+            with contextlib.suppress(RuntimeError):  # the loop has ended: nothing to stop
+                loop.call_soon_threadsafe(event.set)
 
     async def _main(self, on_ready: Callable[[], None] | None) -> None:
         self._loop = asyncio.get_running_loop()
