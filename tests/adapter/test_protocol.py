@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import tracemalloc
 
 import pytest
 
@@ -92,3 +93,21 @@ def test_header_edits() -> None:
     assert proto.add_header("X-\udcff", " \udcfe") == frame(b"h", b"X-\xff\0 \xfe\0")
     with pytest.raises(ValueError, match="NUL"):
         proto.add_header("X-A", "a\0b")
+
+
+@pytest.mark.parametrize("parse", [proto.macros, proto.strings])
+def test_a_packet_of_many_short_strings_is_refused_not_expanded(parse: object) -> None:
+    """A 1 MiB MACRO or MAIL packet of 3-byte words would be ~350,000 str objects (35 MB,
+    kept per macro stage for the connection's life); no MTA sends more than a few dozen."""
+    words = [f"{i:x}".encode() for i in range(0x100, 0x100 + 350_000)]
+    data = b"M" + b"\0".join(words)[:proto.MAX_PACKET - 2] + b"\0"
+    tracemalloc.start()
+    try:
+        parse(data)  # type: ignore[operator]
+    except proto.ProtocolError:
+        pass
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert peak < 4 * len(data), peak
+    assert len(proto.strings(b"ab\0" * proto.MAX_STRINGS)) == proto.MAX_STRINGS

@@ -43,6 +43,11 @@ HDR_LEADSPC = 0x100000
 # header_size_limit is 100 KiB by default): 1 MiB leaves room for any MTA's setting.
 MAX_PACKET = 1024 * 1024
 
+# Strings in one packet (MACRO names and values, MAIL or RCPT arguments). Postfix and Sendmail
+# send a few dozen at most (an SMTP command line is at most 2048 bytes); a 1 MiB packet of
+# short strings would be ~350,000 Python objects, some 35 MB kept for the connection's life.
+MAX_STRINGS = 1024
+
 # SMTP reply texts as libmilter checks them (smfi_setreply): no CR or LF, at most 980 bytes
 MAX_REPLY_TEXT = 980
 
@@ -91,6 +96,9 @@ def strings(data: bytes, *, at_least: int = 1) -> list[str]:
     """NUL-terminated strings; the data must end with a NUL."""
     if not data.endswith(b"\0"):
         raise ProtocolError("a string without its terminating NUL")
+    count = data.count(b"\0")
+    if count > MAX_STRINGS:
+        raise ProtocolError(f"{count} strings in a packet (at most {MAX_STRINGS})")
     words = data[:-1].split(b"\0")
     if len(words) < at_least:
         raise ProtocolError(f"{len(words)} string(s), at least {at_least} expected")
