@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 import tracemalloc
 
 import pytest
@@ -111,3 +112,16 @@ def test_a_packet_of_many_short_strings_is_refused_not_expanded(parse: object) -
         tracemalloc.stop()
     assert peak < 4 * len(data), peak
     assert len(proto.strings(b"ab\0" * proto.MAX_STRINGS)) == proto.MAX_STRINGS
+
+
+def test_a_packet_that_arrives_a_few_bytes_at_a_time_costs_linear_time() -> None:
+    """A peer that writes a 1 MiB packet 2 bytes at a time must not make every read copy
+    all that has arrived so far (that took seconds of the event loop's time)."""
+    data = frame(b"B", b"x" * (proto.MAX_PACKET - 1))
+    reader = proto.Reader()
+    got: list[tuple[bytes, bytes]] = []
+    start = time.perf_counter()
+    for i in range(0, len(data), 2):
+        got += reader.feed(data[i:i + 2])
+    assert time.perf_counter() - start < 2
+    assert got == [(b"B", data[5:])] and reader.pending == 0

@@ -61,7 +61,8 @@ class Reader:
 
     def __init__(self, limit: int = MAX_PACKET) -> None:
         self.limit = limit
-        self._buf = b""
+        self._buf = bytearray()  # appended to in place: a packet arriving in many small
+        # pieces must not cost a copy of all that came before for each piece
 
     @property
     def pending(self) -> int:
@@ -70,7 +71,8 @@ class Reader:
 
     def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
         """The whole packets `data` completes, in order; the rest waits for more."""
-        buf = self._buf + data if self._buf else data
+        buf = self._buf
+        buf += data
         out: list[tuple[bytes, bytes]] = []
         pos, end = 0, len(buf)
         while end - pos >= 4:
@@ -81,9 +83,9 @@ class Reader:
                 raise ProtocolError(f"a packet of {length} bytes (at most {self.limit})")
             if end - pos - 4 < length:
                 break
-            out.append((buf[pos + 4:pos + 5], buf[pos + 5:pos + 4 + length]))
+            out.append((bytes(buf[pos + 4:pos + 5]), bytes(buf[pos + 5:pos + 4 + length])))
             pos += 4 + length
-        self._buf = buf[pos:]
+        del buf[:pos]
         return out
 
 
