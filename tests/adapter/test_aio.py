@@ -354,3 +354,28 @@ def test_stop_after_serve_has_returned_is_harmless(runtime: Runtime, tmp_path: P
         engine.stop()
         until(lambda e=engine: e.loop.is_closed())
         engine.stop()  # e.g. app.py's stop racing an engine that has already ended
+
+
+def test_a_stage_still_queued_for_a_worker_is_dropped_when_its_mta_goes(
+        runtime: Runtime, nameserver: Nameserver, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An MTA that gave up waiting (its milter timeout) is gone: its stage must not take a
+    worker from those still waiting (with every worker busy, the queue would only grow)."""
+    monkeypatch.setattr(aio, "WAIT_THREADS", 1)
+    nameserver.delay = 0.3
+    for engine, path in _serve(runtime, tmp_path, timeout=60):
+        first, gone = Mta(path), Mta(path)
+        for mta, author in ((first, b"first.example"), (gone, b"gone.example")):
+            mta.negotiate()
+            mta.send(b"C", b"client.example\0" + b"4" + struct.pack(">H", 40000)
+                     + b"203.0.113.5\0")
+            mta.send(b"M", b"<ceo@" + author + b">\0")
+            assert mta.answer() == [(b"c", b"")]
+            mta.send(b"L", b"From\0 ceo@" + author + b"\0")
+            mta.send(b"E")
+            until(lambda e=engine, n=1 + (mta is gone): e.waited >= n)
+        gone.sock.close()  # while its end of message waits for the one worker
+        assert first.answer()[-1] == (b"a", b"")
+        until(lambda: runtime.metrics.connections_active._value.get() == 1)
+        assert runtime.drain.open == 0
+        assert not [q for q in nameserver.queries if "gone.example" in q[0]]

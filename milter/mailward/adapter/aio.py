@@ -145,6 +145,7 @@ class Connection(asyncio.BufferedProtocol):
         self.milter: MailwardMilter | None = None
         self.steps = 0  # the protocol steps negotiated
         self.busy = False  # a worker thread has this connection's milter
+        self.work: concurrent.futures.Future[int | Pending] | None = None  # its stage
         self.blocked = False  # the MTA does not read our replies (asyncio's pause_writing)
         self.lost = False
         self.heard = 0.0  # when the MTA last sent something (the loop's clock)
@@ -162,6 +163,9 @@ class Connection(asyncio.BufferedProtocol):
         self.engine.connections.discard(self)
         if not self.busy:
             self._close_milter()  # else when the worker is done (`_done`)
+        elif self.work is not None:
+            self.work.cancel()  # if still queued for a worker (not once it runs): nobody
+            # waits for its reply now, and others wait for that worker
 
     def pause_writing(self) -> None:
         """Our replies fill the socket's buffer: read nothing more from this MTA until it
@@ -193,6 +197,8 @@ class Connection(asyncio.BufferedProtocol):
             return
         if not self.busy and not self.blocked:
             self._work()
+        elif self.busy and self.queue and self.transport is not None:
+            self.transport.pause_reading()  # read no more until the worker's reply
 
     # -- the protocol ------------------------------------------------------------------------
 
@@ -294,8 +300,10 @@ class Connection(asyncio.BufferedProtocol):
         if isinstance(step, Pending):
             self.busy = True
             assert self.transport is not None
-            self.transport.pause_reading()
-            future = self.engine.loop.run_in_executor(self.engine.pool, m.proceed, step)
+            if self.queue:  # reading on sees the MTA go (EOF); more commands must wait
+                self.transport.pause_reading()
+            self.work = self.engine.pool.submit(m.proceed, step)
+            future = asyncio.wrap_future(self.work, loop=self.engine.loop)
             future.add_done_callback(lambda f: self._done(command, f))
             self.engine.waited += 1
             return b""
@@ -311,9 +319,9 @@ class Connection(asyncio.BufferedProtocol):
 
     def _done(self, command: bytes, future: asyncio.Future[int | Pending]) -> None:
         """A worker finished a stage: reply, and go on with what the MTA sent meanwhile."""
-        self.busy = False
+        self.busy, self.work = False, None
         self.heard = self.engine.loop.time()  # the MTA waited for us, not we for it
-        if future.cancelled():  # stopping: the MTA tempfails what was open
+        if future.cancelled():  # stopping, or the MTA has gone: it tempfails what was open
             rc: int | Pending = TEMPFAIL
         else:
             rc = future.result()  # proceed() contains exceptions: an int
