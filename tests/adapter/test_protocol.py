@@ -96,7 +96,7 @@ def test_header_edits() -> None:
         proto.add_header("X-A", "a\0b")
 
 
-@pytest.mark.parametrize("parse", [proto.macros, proto.strings])
+@pytest.mark.parametrize("parse", [proto.macros, proto.macro_block, proto.strings])
 def test_a_packet_of_many_short_strings_is_refused_not_expanded(parse: object) -> None:
     """A 1 MiB MACRO or MAIL packet of 3-byte words would be ~350,000 str objects (35 MB,
     kept per macro stage for the connection's life); no MTA sends more than a few dozen."""

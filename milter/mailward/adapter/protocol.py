@@ -71,21 +71,32 @@ class Reader:
 
     def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
         """The whole packets `data` completes, in order; the rest waits for more."""
-        buf = self._buf
-        buf += data
+        pieces = bool(self._buf)
+        if pieces:  # a packet in pieces: kept in place, each piece appended once
+            self._buf += data
+            view = memoryview(self._buf)
+        else:  # the usual case: whole packets, each copied out of `data` once
+            view = memoryview(data)
         out: list[tuple[bytes, bytes]] = []
-        pos, end = 0, len(buf)
-        while end - pos >= 4:
-            (length,) = struct.unpack_from(">I", buf, pos)
-            if length == 0:
-                raise ProtocolError("a packet without a command")
-            if length > self.limit:
-                raise ProtocolError(f"a packet of {length} bytes (at most {self.limit})")
-            if end - pos - 4 < length:
-                break
-            out.append((bytes(buf[pos + 4:pos + 5]), bytes(buf[pos + 5:pos + 4 + length])))
-            pos += 4 + length
-        del buf[:pos]
+        pos, end = 0, len(view)
+        try:
+            while end - pos >= 4:
+                (length,) = struct.unpack_from(">I", view, pos)
+                if length == 0:
+                    raise ProtocolError("a packet without a command")
+                if length > self.limit:
+                    raise ProtocolError(f"a packet of {length} bytes (at most {self.limit})")
+                if end - pos - 4 < length:
+                    break
+                out.append((bytes(view[pos + 4:pos + 5]), bytes(view[pos + 5:pos + 4 + length])))
+                pos += 4 + length
+            rest = b"" if pieces else view[pos:].tobytes()
+        finally:
+            view.release()
+        if pieces:
+            del self._buf[:pos]
+        else:
+            self._buf += rest
         return out
 
 
@@ -139,6 +150,8 @@ def macro_block(data: bytes) -> tuple[bytes, bytes]:
         raise ProtocolError("MACRO without a command")
     if len(data) > 1 and not data.endswith(b"\0"):
         raise ProtocolError("a string without its terminating NUL")
+    if data.count(b"\0") > MAX_STRINGS:
+        raise ProtocolError(f"more than {MAX_STRINGS} strings in a packet")
     return data[:1], data[1:]
 
 
