@@ -13,10 +13,11 @@ lookup, or for a rate-limit store in another process, stops the inline run, and 
 thread (at most `WAIT_THREADS`) goes on from that check and replies. Meanwhile that connection
 reads nothing more (the MTA waits for the reply anyway); the others go on.
 
-Bounds: a packet over 1 MiB, a malformed packet or a command before the option negotiation
-closes the connection (the MTA applies its milter_default_action, tempfail by default); an
-MTA that sends nothing for `[milter] timeout` seconds while we owe it nothing is disconnected,
-as libmilter does. The socket is restricted as libmilter's is (adapter/milter.py `restrict`).
+Bounds: a packet over 1 MiB or of over 1,024 strings, a malformed packet or a command before
+the option negotiation closes the connection (the MTA applies its milter_default_action,
+tempfail by default); an MTA that does not read our replies is read no further; one that
+sends nothing for `[milter] timeout` seconds while we owe it nothing is disconnected, as
+libmilter does. The socket is restricted as libmilter's is (adapter/milter.py `restrict`).
 A stop (`stop`, after app.py's graceful drain) closes the listener and every connection.
 """
 
