@@ -192,7 +192,9 @@ def test_dns_server_down_then_back(rig: Rig) -> None:
 @pytest.mark.expect_log_errors  # each SPF and DMARC temperror is logged as a warning
 def test_dns_slower_than_lifetime(rig: Rig) -> None:
     """Answers slower than [dns] lifetime (2 s in the lab) are timeouts: tempfail, retried;
-    once DNS is quick again every message passes, and no milter thread is left behind."""
+    once DNS is quick again every message passes, and no milter thread is left behind (the
+    asyncio engine keeps the worker threads its pool made: one per message waiting at once,
+    at most)."""
     baseline = rig.threads()
     timeouts = rig.metric("mailward_dns_queries_total", rtype="TXT", outcome="timeout")
     rig.dns.delay = 3.0
@@ -205,8 +207,9 @@ def test_dns_slower_than_lifetime(rig: Rig) -> None:
     finally:
         rig.dns.delay = 0.0
     rig.delivered_once(mids)
-    until(lambda: rig.threads() <= baseline,
-          lambda: f"mailward back to {baseline} threads (has {rig.threads()})")
+    pool = 0 if os.environ.get("MAILWARD_TEST_ENGINE") == "libmilter" else len(mids)
+    until(lambda: rig.threads() <= baseline + pool,
+          lambda: f"mailward back to {baseline} + {pool} threads (has {rig.threads()})")
 
 
 # -- mailward itself -----------------------------------------------------------------------

@@ -11,7 +11,8 @@ The loop thread must never wait. MAIL, RCPT and end of message first run their c
 with DNS answered from the cache only (core/pipeline.py `Run`); a check that would wait for a
 lookup, or for a rate-limit store in another process, stops the inline run, and a worker
 thread (at most `WAIT_THREADS`) goes on from that check and replies. Meanwhile that connection
-reads nothing more (the MTA waits for the reply anyway); the others go on.
+handles no further command (the MTA waits for the reply anyway) but still notices the MTA
+going, which drops the stage if no worker has started it; the other connections go on.
 
 Bounds: a packet over 1 MiB or of over 1,024 strings, a malformed packet or a command before
 the option negotiation closes the connection (the MTA applies its milter_default_action,
@@ -53,7 +54,9 @@ log = logging.getLogger(__name__)
 
 # Worker threads for stages that must wait (DNS the cache cannot answer, Redis). Each waits
 # at most the message's DNS budget; libmilter would have a thread per connection instead.
-WAIT_THREADS = 64
+# Above Postfix's default_process_limit (100), so a stage queues for a worker only when more
+# MTA processes than that wait at once. Threads start when needed and stay for reuse.
+WAIT_THREADS = 128
 
 # Bytes read at once from an MTA connection (the loop's one read buffer)
 READ_SIZE = 64 * 1024
