@@ -257,3 +257,34 @@ def test_new_transactions_get_421_once_stopping() -> None:
     assert ctx._envfrom("<alice@example.org>") == Milter.TEMPFAIL
     assert ctx._reply == ("421", "4.3.2", "Service shutting down, try again later")
     assert runtime.drain.open == 0
+
+
+@pytest.mark.parametrize(("extra", "rc"), [(95, Milter.ACCEPT), (96, Milter.REJECT)])
+def test_more_header_fields_than_the_limit_is_refused(extra: int, rc: int) -> None:
+    """MESSAGE has 5 fields: 100 in all are judged; one more is refused, as a whole,
+    without the chain judging a message it has not seen all of."""
+    ctx, runtime = session(CONFIG.replace("[milter]\n", "[milter]\nmax_header_fields = 100\n"))
+    fields = b"".join(b"X-F%d: v\n" % i for i in range(extra))
+    message = MESSAGE.replace(b"Subject: hi\n", fields + b"Subject: hi\n")
+    assert feed(ctx, message, tls="TLSv1.3") == rc
+    sample = runtime.metrics.registry.get_sample_value
+    if rc == Milter.REJECT:
+        assert ctx._reply == ("552", "5.3.4", "Message header has too many fields")
+        assert ctx.ops == []  # no header edits: nothing was judged
+        assert sample("mailward_messages_total",
+                      {"direction": "inbound", "verdict": "reject"}) == 1
+    else:
+        assert sample("mailward_messages_total",
+                      {"direction": "inbound", "verdict": "accept"}) == 1
+    # the next message on the connection starts from nothing
+    assert ctx._feedFile(io.BytesIO(MESSAGE), "alice@example.org", "bob@example.net") \
+        == Milter.ACCEPT
+
+
+def test_header_fields_past_the_limit_are_not_kept() -> None:
+    _, runtime = session(CONFIG.replace("[milter]\n", "[milter]\nmax_header_fields = 100\n"))
+    milter = MailwardMilter(runtime)
+    milter._setctx(None)
+    for i in range(5000):
+        milter.header(f"X-{i}", " v")
+    assert (len(milter.headers), milter.fields_over) == (100, 4900)

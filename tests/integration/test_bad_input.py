@@ -30,6 +30,18 @@ def test_thousand_headers(harness: Harness) -> None:
     assert "Bcc" not in dict(headers)
 
 
+def test_more_header_fields_than_max_header_fields(harness: Harness) -> None:
+    """Ten thousand tiny fields besides From, To, Message-ID and Subject: refused as a whole,
+    with a reason."""
+    many = "".join(f"X-{i}: v\r\n" for i in range(10_000))
+    mid, data = harness.message(many)
+    outcome = harness.send(data)
+    assert (outcome.stage, outcome.code) == ("data", 552), outcome
+    assert "5.3.4 Message header has too many fields" in outcome.text
+    assert harness.not_arrived(mid)
+    assert "more than [milter] max_header_fields (10000)" in harness.mw.log()
+
+
 def test_header_line_of_100_kb(harness: Harness) -> None:
     mid, data = harness.message("X-Long: " + "a" * 100_000 + "\r\nBcc: x@example.org\r\n")
     assert harness.send(data).code == 250

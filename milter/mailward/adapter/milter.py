@@ -102,6 +102,11 @@ class ReportHooks(Protocol):
     def received(self, tx: Transaction, verdict: Verdict, raw: bytes) -> None: ...
 
 
+# The answer to a message of more than [milter] max_header_fields header fields: it will not
+# change on a retry, and judging it without all its fields (a forged Authentication-Results
+# among those dropped, say) is not an option.
+TOO_MANY_FIELDS = ("552", "5.3.4", "Message header has too many fields")
+
 # The answer to MAIL FROM while mailward is stopping: 421 makes Postfix end the session, so
 # the client retries later (or at another MX) on a new connection.
 STOPPING_REPLY = ("421", "4.3.2", "Service shutting down, try again later")
@@ -271,6 +276,7 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
         self.conn_failed = ""
         self.msg_failed = ""
         self.spool_error = ""
+        self.fields_over = 0  # header fields past [milter] max_header_fields
         self.connected = False
         self.in_transaction = False  # admitted by runtime.drain, not yet ended
 
@@ -350,14 +356,17 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
     @noreply
     @_guarded("header")
     def header(self, name: str, value: str) -> int:
-        self.headers.append((name, value))
+        if len(self.headers) < self.config.milter.max_header_fields:
+            self.headers.append((name, value))
+        else:  # kept no more: refused at end of message
+            self.fields_over += 1
         return CONTINUE
 
     @noreply
     @_guarded("body")
     def body(self, chunk: bytes) -> int:
-        if self.msg_failed:
-            return CONTINUE  # end of message tempfails; a part of the body is no body
+        if self.msg_failed or self.fields_over:
+            return CONTINUE  # end of message refuses it: the body need not be kept
         if self.spool is None:
             self.spool = Body(threshold=self.config.milter.spool_threshold,
                               directory=self.config.milter.spool_dir)
@@ -383,6 +392,8 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
                 log.error("qid=%s cannot spool the body (%s): message tempfailed",
                           self.getsymval("i") or self.queue_id, self.spool_error)
             return self._reply(self.config.policy.error_reply, TEMPFAIL)
+        if self.fields_over:
+            return self._too_many_fields()
         tx = dataclasses.replace(self.tx, headers=index_headers(self.headers),
                                  body=self.spool,
                                  queue_id=self.getsymval("i") or self.tx.queue_id)
@@ -399,6 +410,19 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
             return code
 
         return Pending("eom", run, judged)
+
+    def _too_many_fields(self) -> int:
+        limit = self.config.milter.max_header_fields
+        direction = pipeline.classify(self.tx, self.config)
+        self.runtime.metrics.messages.labels(direction=str(direction),
+                                             verdict=str(Action.REJECT)).inc()
+        log.info("qid=%s client=%s direction=%s from=<%s> message refused: %d header fields, "
+                 "more than [milter] max_header_fields (%d)",
+                 self.getsymval("i") or self.queue_id,
+                 self.tx.client_ip or self.tx.client_name or "-", direction,
+                 self.tx.mail_from, limit + self.fields_over, limit)
+        self.setreply(*TOO_MANY_FIELDS)
+        return REJECT
 
     def end_message(self) -> None:
         """The message is over (after `begin_eom`'s reply): close its transaction."""
@@ -427,6 +451,7 @@ class MailwardMilter(Milter.Base):  # type: ignore[misc]
             self.spool.close()
         self.spool = None
         self.headers = []
+        self.fields_over = 0
         self.msg_failed = ""
         self.spool_error = ""
         self.tx = self.conn

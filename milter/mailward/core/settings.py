@@ -109,6 +109,7 @@ class MilterSettings:
     originating_daemons: tuple[str, ...] = ("ORIGINATING",)
     local_domains: tuple[str, ...] = ()
     spool_threshold: int = 1024 * 1024
+    max_header_fields: int = 10_000
     spool_dir: str = ""  # empty: the system's temporary directory (tempfile.gettempdir())
     log_level: str = "info"
 
@@ -130,6 +131,8 @@ class MilterSettings:
             originating_daemons=sec.words("originating_daemons", cls.originating_daemons),
             local_domains=sec.domains("local_domains"),
             spool_threshold=_spool_threshold(sec),
+            max_header_fields=sec.integer("max_header_fields", cls.max_header_fields,
+                                          minimum=100, maximum=100_000),
             spool_dir=sec.parse("spool_dir", "", "an absolute path to an existing directory "
                                 "we may write to (empty: the system's temporary directory)",
                                 _spool_dir),
