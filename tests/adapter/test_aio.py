@@ -379,3 +379,122 @@ def test_a_stage_still_queued_for_a_worker_is_dropped_when_its_mta_goes(
         until(lambda: runtime.metrics.connections_active._value.get() == 1)
         assert runtime.drain.open == 0
         assert not [q for q in nameserver.queries if "gone.example" in q[0]]
+
+
+CONNECT = b"client.example\0" + b"4" + struct.pack(">H", 40000) + b"203.0.113.5\0"
+
+
+def _open_transaction(mta: Mta) -> None:
+    mta.negotiate()
+    mta.send(b"C", CONNECT)
+    mta.send(b"M", b"<ceo@bank.example>\0")
+    assert mta.answer() == [(b"c", b"")]
+    mta.send(b"R", b"<bob@example.net>\0")
+    assert mta.answer() == [(b"c", b"")]
+
+
+def test_connections_read_in_interleaved_pieces_keep_their_own_bytes(
+        served: tuple[aio.Engine, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every connection reads into the engine's one buffer: six MTAs sending packets larger
+    than it, cut anywhere (inside the length, between packets) and interleaved, each get
+    exactly their own header fields."""
+    seen: dict[int, list[tuple[str, str]]] = {}
+    header = MailwardMilter.header
+
+    def recording(milter: MailwardMilter, name: str, value: str) -> int:
+        seen.setdefault(id(milter), []).append((name, value))
+        return header(milter, name, value)
+
+    monkeypatch.setattr(MailwardMilter, "header", recording)
+    _, path = served
+    streams = []
+    for n in range(6):
+        mta = Mta(path)
+        _open_transaction(mta)
+        fields = [(f"X-{k}", chr(ord("A") + n) * (50_000 + 7 * k)) for k in range(4)]
+        data = b"".join(proto.packet(b"L", f"{name}\0{value}\0".encode())
+                        for name, value in fields)
+        data += proto.packet(b"L", b"From\0 ceo@bank.example\0") + proto.packet(b"E")
+        streams.append((mta, data, [*fields, ("From", " ceo@bank.example")]))
+    sizes = [1, 3, 4, 5, 999, 65536, 70000]
+    sent = [0] * len(streams)
+    step = 0
+    while any(done < len(data) for done, (_, data, _) in zip(sent, streams, strict=True)):
+        n = step % len(streams)
+        mta, data, _ = streams[n]
+        size = sizes[(step // len(streams)) % len(sizes)]
+        mta.sock.sendall(data[sent[n]:sent[n] + size])
+        sent[n] += size
+        step += 1
+    for mta, _, _ in streams:
+        assert mta.answer()[-1] == (b"a", b"")
+    assert sorted(seen.values()) == sorted(fields for _, _, fields in streams)
+
+
+@pytest.fixture
+def few_fields(nameserver: Nameserver, tmp_path: Path
+               ) -> Iterator[tuple[Runtime, aio.Engine, Path]]:
+    nameserver.load_zone(ZONE)
+    runtime = Runtime(make_config(
+        f"[milter]\nauthserv_id = mx.example.com\nmax_header_fields = 100\n"
+        f"[dns]\nnameservers = 127.0.0.1:{nameserver.port}\n"
+        f"[policy]\nchecks = spf, dkim, dmarc, authres\n"))
+    for engine, path in _serve(runtime, tmp_path, timeout=60):
+        yield runtime, engine, path
+
+
+def test_too_many_header_fields_refuse_only_that_message(
+        few_fields: tuple[Runtime, aio.Engine, Path]) -> None:
+    """Past [milter] max_header_fields: 552 at end of message, the body not kept, the
+    transaction closed; an abort or the MTA's next session (QUIT_NC) clears the count."""
+    runtime, _, path = few_fields
+    mta = Mta(path)
+    _open_transaction(mta)
+    for i in range(101):
+        mta.send(b"L", b"X-F%d\0 v\0" % i)
+    mta.send(b"B", b"x" * 60000)
+    mta.send(b"E", b"y" * 100)
+    assert mta.answer() == [(b"y", b"552 5.3.4 Message header has too many fields\0")]
+    assert runtime.drain.open == 0
+    refused = runtime.metrics.messages.labels(direction="inbound", verdict="reject")
+    assert refused._value.get() == 1
+    mta.send(b"M", b"<ceo@bank.example>\0")  # too many again, then aborted
+    assert mta.answer() == [(b"c", b"")]
+    for i in range(101):
+        mta.send(b"L", b"X-F%d\0 v\0" % i)
+    mta.send(b"A")
+    mta.send(b"M", b"<ceo@bank.example>\0")  # a message of a few fields goes through
+    assert mta.answer() == [(b"c", b"")]
+    mta.send(b"R", b"<bob@example.net>\0")
+    assert mta.answer() == [(b"c", b"")]
+    for i in range(99):
+        mta.send(b"L", b"X-F%d\0 v\0" % i)
+    mta.send(b"L", b"From\0 ceo@bank.example\0")
+    mta.send(b"E")
+    assert mta.answer()[-1] == (b"a", b"")
+    mta.send(b"M", b"<ceo@bank.example>\0")  # too many, then the MTA's next session
+    assert mta.answer() == [(b"c", b"")]
+    for i in range(101):
+        mta.send(b"L", b"X-F%d\0 v\0" % i)
+    assert runtime.drain.open == 1
+    mta.send(b"K")
+    assert mta.message("bank.example")[-1] == (b"a", b"")
+    assert mta.closed()
+    until(lambda: runtime.metrics.connections_active._value.get() == 0)
+    assert runtime.drain.open == 0
+    assert refused._value.get() == 1
+
+
+def test_an_mta_waiting_for_a_worker_is_not_idle(runtime: Runtime, nameserver: Nameserver,
+                                                  tmp_path: Path) -> None:
+    """The idle sweep skips a connection whose stage a worker has: the MTA waits for us."""
+    nameserver.delay = 0.4
+    for engine, path in _serve(runtime, tmp_path, timeout=0.2):
+        mta = Mta(path)
+        _open_transaction(mta)
+        mta.send(b"L", b"From\0 ceo@bank.example\0")
+        mta.send(b"E")
+        start = time.monotonic()
+        assert mta.answer()[-1] == (b"a", b"")  # its DNS took longer than the timeout
+        assert engine.waited >= 1 and time.monotonic() - start > 0.3
+        assert mta.closed(wait=3)  # idle from then on
