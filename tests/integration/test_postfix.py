@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -447,3 +448,29 @@ def test_the_milter_runs_on_the_engine_the_suite_asked_for(harness: Harness) -> 
     with MAILWARD_TEST_ENGINE=libmilter: each passes every test that starts a milter."""
     engine = os.environ.get("MAILWARD_TEST_ENGINE") or "asyncio"
     assert f"(engine {engine})" in harness.mw.log()
+
+
+def test_a_client_slower_at_data_than_the_milter_timeout_is_served(harness: Harness) -> None:
+    """Postfix sends the milter nothing while its client sends DATA (cleanup passes the
+    header on once the message is in): a transfer longer than [milter] timeout must not cost
+    the milter connection, or Postfix tempfails the message (451 4.7.1) on every retry."""
+    harness.mw.stop()
+    harness.mw.write(merge_ini(BASE_CONFIG, "[milter]\ntimeout = 1\n"))
+    harness.mw.start()
+    try:
+        mid, data = harness.message()
+        with smtplib.SMTP("127.0.0.1", harness.lab.smtp_port, timeout=60) as s:
+            s.ehlo("client.example.org")
+            assert s.mail("alice@example.org")[0] == 250
+            assert s.rcpt("bob@example.net")[0] == 250
+            assert s.docmd("DATA")[0] == 354
+            s.send(data[:40])
+            time.sleep(3)  # a slow link
+            s.send(data[40:] + b"\r\n.\r\n")
+            code, text = s.getreply()
+        assert code == 250, text
+        harness.arrived(mid)
+    finally:
+        harness.mw.stop()
+        harness.mw.write(BASE_CONFIG)
+        harness.mw.start()

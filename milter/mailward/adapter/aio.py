@@ -16,9 +16,11 @@ going, which drops the stage if no worker has started it; the other connections 
 
 Bounds: a packet over 1 MiB or of over 1,024 strings, a malformed packet or a command before
 the option negotiation closes the connection (the MTA applies its milter_default_action,
-tempfail by default); an MTA that does not read our replies is read no further; one that
-sends nothing for `[milter] timeout` seconds while we owe it nothing is disconnected, as
-libmilter does. The socket is restricted as libmilter's is (adapter/milter.py `restrict`).
+tempfail by default); an MTA that does not read our replies is read no further, and is
+disconnected once it has left them unread for `[milter] timeout` seconds. An MTA that is only
+silent is kept, as Debian's libmilter keeps it: Postfix says nothing to the milter while its
+client sends DATA, however long that takes, and its own timeouts end a session that stalls.
+The socket is restricted as libmilter's is (adapter/milter.py `restrict`).
 A stop (`stop`, after app.py's graceful drain) closes the listener and every connection.
 """
 
@@ -151,15 +153,14 @@ class Connection(asyncio.BufferedProtocol):
         self.busy = False  # a worker thread has this connection's milter
         self.work: concurrent.futures.Future[int | Pending] | None = None  # its stage
         self.blocked = False  # the MTA does not read our replies (asyncio's pause_writing)
+        self.blocked_at = 0.0  # since when (the loop's clock)
         self.lost = False
-        self.heard = 0.0  # when the MTA last sent something (the loop's clock)
 
     # -- asyncio's side ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        self.heard = self.engine.loop.time()
         self.engine.connections.add(self)
 
     def connection_lost(self, _exc: Exception | None) -> None:
@@ -174,7 +175,7 @@ class Connection(asyncio.BufferedProtocol):
     def pause_writing(self) -> None:
         """Our replies fill the socket's buffer: read nothing more from this MTA until it
         reads them, or they would pile up in memory."""
-        self.blocked = True
+        self.blocked, self.blocked_at = True, self.engine.loop.time()
         if self.transport is not None:
             self.transport.pause_reading()
 
@@ -193,7 +194,6 @@ class Connection(asyncio.BufferedProtocol):
         self.received(bytes(self.engine.buffer[:nbytes]))
 
     def received(self, data: bytes) -> None:
-        self.heard = self.engine.loop.time()
         try:
             self.queue.extend(self.reader.feed(data))
         except proto.ProtocolError as exc:
@@ -324,7 +324,6 @@ class Connection(asyncio.BufferedProtocol):
     def _done(self, command: bytes, future: asyncio.Future[int | Pending]) -> None:
         """A worker finished a stage: reply, and go on with what the MTA sent meanwhile."""
         self.busy, self.work = False, None
-        self.heard = self.engine.loop.time()  # the MTA waited for us, not we for it
         if future.cancelled():  # stopping, or the MTA has gone: it tempfails what was open
             rc: int | Pending = TEMPFAIL
         else:
@@ -340,9 +339,11 @@ class Connection(asyncio.BufferedProtocol):
             self._work()
 
     def expire(self, now: float) -> None:
-        """Drop an MTA that has said nothing for `timeout` while we owed it nothing."""
-        if not self.busy and not self.lost and now - self.heard > self.engine.timeout:
-            log.info("milter connection idle for %gs: closed", self.engine.timeout)
+        """Drop an MTA that has left our replies unread for `timeout` (libmilter's write
+        timeout). Silence alone is no reason: the MTA may be receiving a long DATA."""
+        if self.blocked and not self.lost and now - self.blocked_at > self.engine.timeout:
+            log.info("milter connection: replies unread for %gs, closed",
+                     self.engine.timeout)
             assert self.transport is not None
             self.transport.abort()  # close() would wait for an MTA that reads nothing
 
@@ -412,7 +413,8 @@ class Engine:
                 _unlink_socket(path)
 
     def _sweep(self) -> None:
-        """Close idle connections; again in a quarter of `timeout` (one timer for all)."""
+        """Close connections whose MTA reads no replies; again in a quarter of `timeout`
+        (one timer for all)."""
         now = self.loop.time()
         for conn in list(self.connections):
             conn.expire(now)
