@@ -190,10 +190,11 @@ class Connection(asyncio.BufferedProtocol):
         return self.engine.buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        # the loop calls this right after reading into the buffer, before any other read
-        self.received(bytes(self.engine.buffer[:nbytes]))
+        # the loop calls this right after reading into the buffer, before any other read; the
+        # Reader copies out what it keeps, so the buffer is free again when this returns
+        self.received(self.engine.buffer[:nbytes])
 
-    def received(self, data: bytes) -> None:
+    def received(self, data: bytes | memoryview) -> None:
         try:
             self.queue.extend(self.reader.feed(data))
         except proto.ProtocolError as exc:

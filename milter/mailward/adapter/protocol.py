@@ -69,8 +69,9 @@ class Reader:
         """Bytes received and not yet part of a whole packet."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
-        """The whole packets `data` completes, in order; the rest waits for more."""
+    def feed(self, data: bytes | memoryview) -> list[tuple[bytes, bytes]]:
+        """The whole packets `data` completes, in order; the rest waits for more. Nothing
+        refers to `data` once this returns (what is kept is copied)."""
         pieces = bool(self._buf)
         if pieces:  # a packet in pieces: kept in place, each piece appended once
             self._buf += data

@@ -120,7 +120,7 @@ class Run:
         self.links = [link for link in config.chain if stage in link.check.stages]
         self.results: list[CheckResult] = []
         self.broken: set[str] = set()
-        self.waits = 0  # how often an inline advance stopped (tests, metrics)
+        self.waits = 0  # how often an inline advance stopped
 
     @property
     def done(self) -> bool:
