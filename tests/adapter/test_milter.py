@@ -288,3 +288,13 @@ def test_header_fields_past_the_limit_are_not_kept() -> None:
     for i in range(5000):
         milter.header(f"X-{i}", " v")
     assert (len(milter.headers), milter.fields_over) == (100, 4900)
+
+
+@pytest.mark.parametrize(("timeout", "whole"), [(0.4, 1), (1.6, 2), (60.0, 60)])
+def test_libmilter_gets_whole_seconds_never_zero(monkeypatch: pytest.MonkeyPatch,
+                                                 timeout: float, whole: int) -> None:
+    """libmilter's timeout is whole seconds; 0 would be its two-hour default."""
+    given: dict[str, Any] = {}
+    monkeypatch.setattr(adapter, "serve", lambda runtime, **kw: given.update(kw))
+    adapter.Libmilter(None, socket="unix:/nonexistent", timeout=timeout).serve()  # type: ignore[arg-type]
+    assert given["timeout"] == whole

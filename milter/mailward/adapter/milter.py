@@ -210,7 +210,9 @@ class Libmilter:
         self.timeout = timeout
 
     def serve(self, on_ready: Callable[[], None] | None = None) -> None:
-        serve(self.runtime, socket=self.socket, timeout=int(self.timeout), on_ready=on_ready)
+        # libmilter takes whole seconds, and 0 would mean its default (two hours)
+        serve(self.runtime, socket=self.socket, timeout=max(1, round(self.timeout)),
+              on_ready=on_ready)
 
     def stop(self) -> None:
         stop_serving()
