@@ -33,14 +33,19 @@ def test_direction_classification() -> None:
     assert classify(make_tx(client_ip=""), cfg) is Direction.INBOUND
 
 
-class Boom(Check[None]):
-    """A check with a bug."""
+class Bare(Check[None]):
+    """A test check without settings: subclasses set name, stages and run."""
 
-    name = "probe"
     stages = frozenset({Stage.EOM})
 
     def load(self, sec: Section) -> None:
         return None
+
+
+class Boom(Bare):
+    """A check with a bug."""
+
+    name = "probe"
 
     def run(self, tx: Transaction, ctx: Context, settings: None) -> CheckResult:
         raise KeyError("bug")
@@ -147,14 +152,10 @@ def test_the_dns_budget_is_shared_by_spf_and_its_includes(nameserver: Nameserver
     assert {r.check: r for r in verdict.results}["spf"].result is Result.FAIL
 
 
-class BrokenDkim(Check[None]):
+class BrokenDkim(Bare):
     """A dkim check with a bug (as a library exception escaping dkimpy once was)."""
 
     name = "dkim"
-    stages = frozenset({Stage.EOM})
-
-    def load(self, sec: Section) -> None:
-        return None
 
     def run(self, tx: Transaction, ctx: Context, settings: None) -> CheckResult:
         raise ValueError("Exceeds the limit (4300 digits) for integer string conversion")
@@ -236,14 +237,10 @@ def test_an_inline_run_goes_on_from_the_check_that_would_wait(nameserver: Namese
     assert seen == ["spf", "dkim", "dmarc", "authres"]  # each observed (timed) once
 
 
-class Swallower(Check[None]):
+class Swallower(Bare):
     """A check whose library catches everything, as pyspf's bare `except:` would."""
 
     name = "dkim"
-    stages = frozenset({Stage.EOM})
-
-    def load(self, sec: Section) -> None:
-        return None
 
     def run(self, tx: Transaction, ctx: Context, settings: None) -> CheckResult:
         author = tx.headers[0].value.strip().partition("@")[2]
@@ -291,15 +288,12 @@ def test_a_rate_limit_store_in_another_process_is_never_asked_inline(
         assert snap.rates.add(["inbound:domain:messages:bank.example"], 0, 3600) == [count]
 
 
-class Asker(Check[None]):
+class Asker(Bare):
     """A check at MAIL that looks something up, a new name each time."""
 
     name = "dkim"
     stages = frozenset({Stage.MAIL})
     asked = 0
-
-    def load(self, sec: Section) -> None:
-        return None
 
     def run(self, tx: Transaction, ctx: Context, settings: None) -> CheckResult:
         Asker.asked += 1

@@ -39,6 +39,7 @@ from collections.abc import Callable
 
 from mailward.adapter import protocol as proto
 from mailward.adapter.milter import (
+    ACCEPT,
     CONTINUE,
     DISCARD,
     FLAGS,
@@ -63,9 +64,8 @@ WAIT_THREADS = 128
 # Bytes read at once from an MTA connection (the loop's one read buffer)
 READ_SIZE = 64 * 1024
 
-CODES = {CONTINUE: proto.CONTINUE, REJECT: proto.REJECT, TEMPFAIL: proto.TEMPFAIL,
-         DISCARD: proto.DISCARD}
-ACCEPT_CODE = proto.ACCEPT
+CODES = {CONTINUE: proto.CONTINUE, ACCEPT: proto.ACCEPT, REJECT: proto.REJECT,
+         TEMPFAIL: proto.TEMPFAIL, DISCARD: proto.DISCARD}
 
 # libmilter's macro stages (CI_*): getsymval searches the later ones first
 MACRO_STAGES = {proto.CONNECT: 0, proto.HELO: 1, proto.MAIL: 2, proto.RCPT: 3, proto.DATA: 4,
@@ -132,7 +132,7 @@ class MtaContext:
         reply, self.reply = self.reply, None
         if reply is not None and rc in (REJECT, TEMPFAIL):
             return edits + reply
-        return edits + proto.packet(CODES.get(rc, ACCEPT_CODE))
+        return edits + proto.packet(CODES.get(rc, proto.TEMPFAIL))
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -153,7 +153,7 @@ class Connection(asyncio.BufferedProtocol):
         self.busy = False  # a worker thread has this connection's milter
         self.work: concurrent.futures.Future[int | Pending] | None = None  # its stage
         self.blocked = False  # the MTA does not read our replies (asyncio's pause_writing)
-        self.blocked_at = 0.0  # since when (the loop's clock)
+        self.stalled: asyncio.TimerHandle | None = None  # ends it if it goes on not reading
         self.lost = False
 
     # -- asyncio's side ----------------------------------------------------------------------
@@ -166,6 +166,8 @@ class Connection(asyncio.BufferedProtocol):
     def connection_lost(self, _exc: Exception | None) -> None:
         self.lost = True
         self.engine.connections.discard(self)
+        if self.stalled is not None:
+            self.stalled.cancel()
         if not self.busy:
             self._close_milter()  # else when the worker is done (`_done`)
         elif self.work is not None:
@@ -175,12 +177,15 @@ class Connection(asyncio.BufferedProtocol):
     def pause_writing(self) -> None:
         """Our replies fill the socket's buffer: read nothing more from this MTA until it
         reads them, or they would pile up in memory."""
-        self.blocked, self.blocked_at = True, self.engine.loop.time()
+        self.blocked = True
+        self.stalled = self.engine.loop.call_later(self.engine.timeout, self._stall)
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.blocked = False
+        if self.stalled is not None:
+            self.stalled.cancel()
         if not self.busy and not self.lost:
             assert self.transport is not None
             self.transport.resume_reading()
@@ -339,10 +344,10 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.resume_reading()
             self._work()
 
-    def expire(self, now: float) -> None:
+    def _stall(self) -> None:
         """Drop an MTA that has left our replies unread for `timeout` (libmilter's write
         timeout). Silence alone is no reason: the MTA may be receiving a long DATA."""
-        if self.blocked and not self.lost and now - self.blocked_at > self.engine.timeout:
+        if self.blocked and not self.lost:
             log.info("milter connection: replies unread for %gs, closed",
                      self.engine.timeout)
             assert self.transport is not None
@@ -397,7 +402,6 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         server, path = await self._listen()
-        self._sweep()
         try:
             if on_ready is not None:
                 on_ready()
@@ -412,14 +416,6 @@ class Engine:
             await asyncio.sleep(0)  # let the aborted connections' connection_lost run
             if path:
                 _unlink_socket(path)
-
-    def _sweep(self) -> None:
-        """Close connections whose MTA reads no replies; again in a quarter of `timeout`
-        (one timer for all)."""
-        now = self.loop.time()
-        for conn in list(self.connections):
-            conn.expire(now)
-        self.loop.call_later(max(0.05, min(self.timeout / 4, 5.0)), self._sweep)
 
     async def _listen(self) -> tuple[asyncio.Server, str]:
         kind, _, rest = self.socket.partition(":")

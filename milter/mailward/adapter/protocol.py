@@ -106,13 +106,18 @@ def text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def strings(data: bytes, *, at_least: int = 1) -> list[str]:
-    """NUL-terminated strings; the data must end with a NUL."""
+def _check_strings(data: bytes) -> None:
+    """NUL-terminated strings, at most MAX_STRINGS of them (checked, not split)."""
     if not data.endswith(b"\0"):
         raise ProtocolError("a string without its terminating NUL")
     count = data.count(b"\0")
     if count > MAX_STRINGS:
         raise ProtocolError(f"{count} strings in a packet (at most {MAX_STRINGS})")
+
+
+def strings(data: bytes, *, at_least: int = 1) -> list[str]:
+    """NUL-terminated strings; the data must end with a NUL."""
+    _check_strings(data)
     words = data[:-1].split(b"\0")
     if len(words) < at_least:
         raise ProtocolError(f"{len(words)} string(s), at least {at_least} expected")
@@ -149,10 +154,8 @@ def macro_block(data: bytes) -> tuple[bytes, bytes]:
     The MTA sends several per message; most are never read."""
     if not data:
         raise ProtocolError("MACRO without a command")
-    if len(data) > 1 and not data.endswith(b"\0"):
-        raise ProtocolError("a string without its terminating NUL")
-    if data.count(b"\0") > MAX_STRINGS:
-        raise ProtocolError(f"more than {MAX_STRINGS} strings in a packet")
+    if len(data) > 1:
+        _check_strings(data[1:])
     return data[:1], data[1:]
 
 

@@ -84,6 +84,8 @@ def is_loopback_host(host: str) -> bool:
 
 # -- sections ---------------------------------------------------------------------------------
 
+ENGINES = ("asyncio", "libmilter")  # [milter] engine: adapter/aio.py, adapter/milter.py
+
 # The smallest [milter] spool_threshold: 0 would mean "never spool" (SpooledTemporaryFile's
 # max_size=0 never rolls over), so a body of any size would stay in memory.
 MIN_SPOOL_THRESHOLD = 1024
@@ -122,7 +124,7 @@ class MilterSettings:
             socket=sec.parse("socket", cls.socket,
                              "inet:PORT@HOST, inet6:PORT@ADDRESS or unix:/absolute/path",
                              parse_socket),
-            engine=sec.parse("engine", cls.engine, "asyncio or libmilter", _engine),
+            engine=sec.option("engine", cls.engine, ENGINES),
             timeout=sec.seconds("timeout", cls.timeout, maximum=3600),
             stop_grace=sec.seconds("stop_grace", cls.stop_grace, maximum=3600),
             authserv_id=authserv_id,
@@ -139,15 +141,6 @@ class MilterSettings:
             log_level=sec.parse("log_level", "info", "one of debug, info, warning, error",
                                 _log_level),
         )
-
-
-ENGINES = ("asyncio", "libmilter")
-
-
-def _engine(value: str) -> str:
-    if value not in ENGINES:
-        raise ValueError(value)
-    return value
 
 
 def _spool_threshold(sec: Section) -> int:
