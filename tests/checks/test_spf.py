@@ -159,6 +159,65 @@ def test_warm_cache_costs_no_queries(nameserver: Nameserver, resolver: Resolver)
     assert len(nameserver.queries) == before
 
 
+class Clock:
+    now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def evaluations(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """(ip, sender) of each evaluation pyspf was asked for."""
+    done: list[tuple[str, str]] = []
+    real = spf._evaluate
+
+    def counted(**kw: Any) -> tuple[Result, str]:
+        done.append((kw["ip"], kw["sender"]))
+        return real(**kw)
+
+    monkeypatch.setattr(spf, "_evaluate", counted)
+    return done
+
+
+def test_a_result_is_kept_as_long_as_the_records_it_read(
+        nameserver: Nameserver, evaluations: list[tuple[str, str]]) -> None:
+    nameserver.load_zone(ZONE)  # TTL 300 for every record
+    clock = Clock()
+    resolver = Resolver(DnsSettings(nameservers=(("127.0.0.1", nameserver.port),), timeout=0.5,
+                                    lifetime=1.0), clock=clock)
+    first, _ = run("", resolver)
+    assert first.result is Result.PASS and len(evaluations) == 2  # HELO and MAIL FROM
+    queries = len(nameserver.queries)
+    clock.now += 299
+    again, _ = run("", resolver)
+    assert again.result is Result.PASS and again.authres == first.authres
+    assert len(evaluations) == 2 and len(nameserver.queries) == queries
+    other, _ = run("", resolver, client_ip="203.0.113.1")  # another IP: its own evaluation
+    assert other.result is Result.FAIL and len(evaluations) == 4
+    nameserver.clear()
+    nameserver.load_zone(ZONE.replace("ip4:192.0.2.0/24 ", ""))
+    clock.now += 1  # example.com's TXT record has expired: so has the result
+    changed, _ = run("", resolver)
+    assert changed.result is Result.FAIL and evaluations[-1] == ("192.0.2.10",
+                                                                 "alice@example.com")
+
+
+def test_a_temperror_or_a_record_with_the_time_macro_is_not_kept(
+        nameserver: Nameserver, resolver: Resolver, evaluations: list[tuple[str, str]]) -> None:
+    # %{t} may only be in an explanation (RFC 7208 §7.3), which is part of a fail result
+    nameserver.load_zone(ZONE + 'clock.example. TXT "v=spf1 -all exp=why.clock.example"\n'
+                         'why.clock.example. TXT "refused at %{t}"\n')
+    nameserver.drop.add("dropped.example")
+    for sender, expected in (("bob@timeout.example", Result.TEMPERROR),
+                             ("bob@clock.example", Result.FAIL)):
+        for _ in range(2):
+            result, _ = run("[check.spf]\ncheck_helo = no\n", resolver, mail_from=sender)
+            assert result.result is expected
+        assert evaluations.count(("192.0.2.10", sender)) == 2  # evaluated again
+    assert len(resolver.memo) == 0
+
+
 # -- the RFC 7208 test suite ------------------------------------------------------------------
 
 # Cases where mailward's result differs from the suite, with the reason. Empty means: all pass.
@@ -214,9 +273,17 @@ def test_rfc7208_suite(nameserver: Nameserver, zonedata: dict[str, list[Any]],
                        test: dict[str, Any], expected: list[str], request: Any) -> None:
     load_scenario(nameserver, zonedata)
     install_pyspf()
-    with pyspf_scope(resolver_for(nameserver).bind(Budget(30))):
+    resolver = resolver_for(nameserver)
+    with pyspf_scope(resolver.bind(Budget(30))):
         result, why = spf.evaluate(ip=test["host"], sender=test["mailfrom"],
-                                   helo=test["helo"], timeout=5)
+                                   helo=test["helo"], timeout=5, memo=resolver.memo)
+        queries = len(nameserver.queries)
+        kept = spf.evaluate(ip=test["host"], sender=test["mailfrom"], helo=test["helo"],
+                            timeout=5, memo=resolver.memo)
+    # the result given again by the memo is the result; what the memo keeps, it asks no more
+    assert kept == (result, why)
+    if len(resolver.memo):
+        assert len(nameserver.queries) == queries
     case = request.node.callspec.id
     if case in KNOWN_DIVERGENCES:
         assert str(result) not in expected, f"{case} passes now: drop it from the list"

@@ -15,8 +15,11 @@ from mailward.services.dns import (
     DnsServFail,
     DnsSettings,
     DnsTimeout,
+    Gate,
     Resolver,
+    WouldWait,
     pyspf_lookup,
+    spoil,
 )
 from mailward.services.metrics import Metrics
 
@@ -130,6 +133,71 @@ def test_max_ttl_caps_long_ttls(nameserver: Nameserver) -> None:
     clock.now += 101
     r.txt("long.example")
     assert nameserver.count("long.example") == 2
+
+
+# -- Memo: results computed from DNS answers, kept as long as those answers --------------------
+
+def test_a_memo_keeps_a_result_until_the_first_answer_it_read_expires(
+        nameserver: Nameserver) -> None:
+    nameserver.add("short.example", "TXT", '"s"', ttl=60)
+    nameserver.add("long.example", "TXT", '"l"', ttl=600)
+    r, _, clock = make(nameserver)
+    r.txt("long.example")  # already cached when the computation reads it: its expiry counts
+    clock.now += 100
+    with r.memo.tracing() as trace:
+        value = r.txt("long.example") + r.txt("short.example")
+    assert not trace.spoiled
+    assert trace.expires == 1100 + 60  # the shorter of the two
+    assert r.memo.put("k", value, trace)
+    clock.now += 59
+    assert r.memo.get("k") == (b"l", b"s")
+    clock.now += 1
+    assert r.memo.get("k") is None and len(r.memo) == 0
+
+
+def test_a_memo_is_capped_by_max_ttl_and_bounded_in_size(nameserver: Nameserver) -> None:
+    r, _, clock = make(nameserver, max_ttl=100, cache_size=2)
+    for key in ("a", "b", "c"):
+        with r.memo.tracing() as trace:
+            pass  # read nothing: valid until max_ttl
+        assert r.memo.put(key, key.upper(), trace)
+    assert r.memo.get("a") is None and r.memo.get("c") == "C" and len(r.memo) == 2
+    clock.now += 100
+    assert r.memo.get("b") is None and r.memo.get("c") is None
+
+
+@pytest.mark.parametrize("how", ["timeout", "servfail", "would wait", "not cached", "spoil"])
+def test_a_result_from_a_failed_or_uncached_lookup_is_not_kept(nameserver: Nameserver,
+                                                               how: str) -> None:
+    nameserver.add("ok.example", "TXT", '"ok"')
+    nameserver.add("zero.example", "TXT", '"z"', ttl=0)
+    nameserver.drop.add("slow.example")
+    nameserver.servfail.add("broken.example")
+    r, _, _ = make(nameserver, timeout=0.2, lifetime=0.4)
+    name = {"timeout": "slow.example", "servfail": "broken.example", "would wait": "new.example",
+            "not cached": "zero.example", "spoil": "ok.example"}[how]
+    gate = Gate(inline=how == "would wait")
+    with r.memo.tracing() as trace:
+        r.txt("ok.example")
+        try:
+            r.txt(name, gate=gate)
+        except (DnsError, WouldWait):
+            pass  # a caller (pyspf) may swallow it: the trace still knows
+        if how == "spoil":
+            spoil()
+    assert trace.spoiled
+    assert not r.memo.put("k", 1, trace) and r.memo.get("k") is None
+
+
+def test_the_spf_adapter_spoils_a_record_with_the_time_macro(nameserver: Nameserver) -> None:
+    nameserver.add("t.example", "TXT", '"v=spf1 exists:%{" "T}.x.t.example -all"')
+    nameserver.add("plain.example", "TXT", '"v=spf1 exists:%{i}.x.plain.example -all"')
+    r, _, _ = make(nameserver)
+    bound = r.bind(Budget(30))
+    for name, spoiled in (("plain.example", False), ("t.example", True)):
+        with r.memo.tracing() as trace:
+            bound.spf_lookup(name, "TXT")
+        assert trace.spoiled is spoiled, name
 
 
 def test_spf_adapter_shape_and_temp_errors(nameserver: Nameserver) -> None:

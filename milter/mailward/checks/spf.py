@@ -10,6 +10,9 @@ SERVFAIL: never `fail` or `none`), permerror. The HELO identity is checked on it
 (§2.3, `smtp.helo`); for the null sender `<>` the MAIL FROM result is the HELO result (§2.4).
 Each result has a configurable action (default accept: SPF feeds DMARC); a refusal is sent at
 MAIL FROM. With every action accept, SPF is evaluated once, at end of message.
+
+A result is kept (`evaluate`, the resolver's `Memo`) for as long as the DNS answers it was
+computed from, so mail from the same IP, sender and HELO name is not evaluated again.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from mailward.core.ini import Section
 from mailward.core.outcomes import SpfIdentity, SpfOutcome, SpfScope
 from mailward.core.transaction import Direction, Stage, Transaction, domain_of
 from mailward.core.verdict import Action, CheckResult, Reply, Result
-from mailward.services.dns import pyspf_installed, pyspf_scope
+from mailward.services.dns import Memo, pyspf_installed, pyspf_scope
 
 NAME = "spf"
 ACTIONS = (Action.ACCEPT, Action.REJECT, Action.TEMPFAIL, Action.QUARANTINE)
@@ -72,8 +75,28 @@ class Settings:
         return action
 
 
-def evaluate(*, ip: str, sender: str, helo: str, timeout: float) -> tuple[Result, str]:
-    """One SPF evaluation (RFC 7208 §4): the result and pyspf's explanation."""
+def evaluate(*, ip: str, sender: str, helo: str, timeout: float,
+             memo: Memo | None = None) -> tuple[Result, str]:
+    """One SPF evaluation (RFC 7208 §4): the result and pyspf's explanation.
+
+    With a `memo`, a result is kept as long as every DNS answer it read (`services/dns.Memo`)
+    and given again for the same IP, sender and HELO name without asking pyspf: the result
+    depends on nothing else but the time macro, and a record using it is not kept. A
+    temperror is never kept."""
+    if memo is None:
+        return _evaluate(ip=ip, sender=sender, helo=helo, timeout=timeout)
+    key = (NAME, ip, sender, helo)
+    hit: tuple[Result, str] | None = memo.get(key)
+    if hit is not None:
+        return hit
+    with memo.tracing() as trace:
+        outcome = _evaluate(ip=ip, sender=sender, helo=helo, timeout=timeout)
+    if outcome[0] is not Result.TEMPERROR:
+        memo.put(key, outcome, trace)
+    return outcome
+
+
+def _evaluate(*, ip: str, sender: str, helo: str, timeout: float) -> tuple[Result, str]:
     try:
         q = pyspf.query(i=ip, s=sender, h=helo, querytime=timeout)
         word, _, explanation = q.check()
@@ -99,16 +122,18 @@ def check(tx: Transaction, ctx: Context, settings: Settings) -> CheckResult:
     mapped = getattr(tx.client_ip, "ipv4_mapped", None)
     ip = str(mapped or tx.client_ip)
     identities = []
+    memo = ctx.dns.resolver.memo
     with pyspf_scope(ctx.dns):
         if (settings.check_helo or not tx.mail_from) and _HOSTNAME.fullmatch(tx.helo):
             timeout = min(settings.timeout, ctx.dns.budget.remaining())
             result, why = evaluate(ip=ip, sender=f"postmaster@{tx.helo}", helo=tx.helo,
-                                   timeout=timeout)
+                                   timeout=timeout, memo=memo)
             identities.append(SpfIdentity(SpfScope.HELO, tx.helo, tx.helo.rstrip(".").lower(),
                                           result, why))
         if tx.mail_from:
             timeout = min(settings.timeout, ctx.dns.budget.remaining())
-            result, why = evaluate(ip=ip, sender=tx.mail_from, helo=tx.helo, timeout=timeout)
+            result, why = evaluate(ip=ip, sender=tx.mail_from, helo=tx.helo, timeout=timeout,
+                                   memo=memo)
             identities.append(SpfIdentity(SpfScope.MAILFROM, tx.mail_from,
                                           domain_of(tx.mail_from), result, why))
     outcome = SpfOutcome(tuple(identities))

@@ -16,6 +16,11 @@ on cached answers only: with `gate.inline` set, a lookup the cache cannot answer
 `refused` and raises `WouldWait` instead of asking. `WouldWait` is a BaseException, because
 checks (and pyspf) contain every Exception; pyspf's bare `except:` can even swallow it, which
 is why the mark on the gate, not the exception, is what the pipeline reads.
+
+A `Memo` keeps results computed from DNS answers alone (the SPF result of an IP, sender and
+HELO name) for as long as every answer they read is still cached: inside `Memo.tracing()`,
+each lookup notes when its answer expires, and a lookup that fails, is refused or reads data
+that must not be reused (`Trace.spoil`) makes the result one not to keep.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import collections
 import contextlib
 import contextvars
 import ipaddress
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -62,6 +68,84 @@ class Gate:
 
     inline: bool = False
     refused: bool = False
+
+
+@dataclass(slots=True)
+class Trace:
+    """What one computation read from DNS: when the first of its answers expires, and
+    whether it may be kept at all."""
+
+    expires: float = math.inf
+    spoiled: bool = False
+
+    def spoil(self) -> None:
+        self.spoiled = True
+
+
+_TRACE: contextvars.ContextVar[Trace | None] = contextvars.ContextVar("dns_trace", default=None)
+
+
+def _note(expires: float) -> None:
+    trace = _TRACE.get()
+    if trace is not None and expires < trace.expires:
+        trace.expires = expires
+
+
+def spoil() -> None:
+    """Mark what the current `Memo.tracing()` block computes as not to be kept."""
+    trace = _TRACE.get()
+    if trace is not None:
+        trace.spoiled = True
+
+
+class Memo:
+    """Results computed from DNS answers alone, each kept until the first answer it read
+    expires (at most `max_ttl`), at most `size` of them, least recently used first out."""
+
+    def __init__(self, size: int, max_ttl: int, clock: Callable[[], float]) -> None:
+        self._size = size
+        self._max_ttl = max_ttl
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._items: collections.OrderedDict[Any, tuple[float, Any]] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Any) -> Any:
+        """The value kept for `key`, or None."""
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is None:
+                return None
+            if hit[0] <= self._clock():
+                del self._items[key]
+                return None
+            self._items.move_to_end(key)
+            return hit[1]
+
+    @contextlib.contextmanager
+    def tracing(self) -> Iterator[Trace]:
+        """Note, in the `Trace` yielded, what the lookups of this block read."""
+        trace = Trace()
+        token = _TRACE.set(trace)
+        try:
+            yield trace
+        finally:
+            _TRACE.reset(token)
+
+    def put(self, key: Any, value: Any, trace: Trace) -> bool:
+        """Keep `value`, computed in `trace`'s block, unless the trace says not to."""
+        now = self._clock()
+        expires = min(trace.expires, now + self._max_ttl)
+        if trace.spoiled or expires <= now or self._size <= 0:
+            return False
+        with self._lock:
+            self._items[key] = (expires, value)
+            self._items.move_to_end(key)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return True
 
 
 def parse_nameserver(word: str) -> tuple[str, int]:
@@ -141,6 +225,7 @@ class Resolver:
         r.lifetime = settings.lifetime
         r.cache = None  # ours, below, is the one cache
         self._resolver = r
+        self.memo = Memo(settings.cache_size, settings.max_ttl, clock)
 
     # -- the one entry point --------------------------------------------------------------
 
@@ -164,7 +249,17 @@ class Resolver:
             if hit is not None and hit[0] > now:
                 self._cache.move_to_end(key)
                 self._count(rtype, "cached", 0.0)
+                _note(hit[0])
                 return hit[1]
+        try:
+            return self._ask(key, name, rtype, now, budget=budget, gate=gate)
+        except BaseException:
+            spoil()
+            raise
+
+    def _ask(self, key: tuple[str, dns.rdatatype.RdataType], name: str, rtype: str, now: float, *,
+             budget: Budget | None, gate: Gate | None) -> tuple[Rdata, ...]:
+        """`query` for an answer the cache does not hold."""
         if gate is not None and gate.inline:
             gate.refused = True
             raise WouldWait(f"{name} {rtype}")
@@ -225,10 +320,15 @@ class Resolver:
 
     def _store(self, key: tuple[str, int], records: tuple[Rdata, ...], ttl: int,
                now: float) -> None:
+        """Cache an answer, and note its expiry in the current `Trace` (an answer not
+        cached spoils it: what was computed from it cannot be kept either)."""
         if self.settings.cache_size <= 0 or ttl <= 0:
+            spoil()
             return
+        expires = now + min(ttl, self.settings.max_ttl)
+        _note(expires)
         with self._lock:
-            self._cache[key] = (now + min(ttl, self.settings.max_ttl), records)
+            self._cache[key] = (expires, records)
             self._cache.move_to_end(key)
             while len(self._cache) > self.settings.cache_size:
                 self._cache.popitem(last=False)
@@ -306,6 +406,8 @@ class BoundResolver:
             elif qtype == "PTR":
                 out.append(((name, qtype), r.target.to_text(True)))
             elif qtype in ("TXT", "SPF"):
+                if b"%{t" in b"".join(r.strings).lower():
+                    spoil()  # the time macro (RFC 7208 §7.3): the result is the moment's
                 out.append(((name, qtype), r.strings))
         return out
 
