@@ -14,11 +14,21 @@ same arguments (dkimpy's hash object, its key dictionaries) and the same results
 OpenSSL key objects are built from dkimpy's key numbers once per key (bounded caches).
 Debian 12 packages `cryptography` (python3-cryptography 38) and dkimpy 1.1.4 has the same
 two names.
+
+`install()` also replaces `RE_BTAG`, the regular expression with which dkimpy empties b= in
+the signature field it hashes (DKIM-Signature, ARC-Message-Signature, ARC-Seal), with
+`B_TAG`, which matches the same text faster (0.006 against 0.04 ms per field). dkimpy's
+folding white space matches exactly the runs of white space, empty ones included, so its
+b= value, white space runs each followed by one base64 character, is the longest run of
+white space and base64 characters up to its last base64 character, which `B_TAG` says
+directly instead of through nested optional groups. tests/test_properties.py compares the
+two on arbitrary input.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Protocol
 
 import dkim as dkimpy
@@ -26,6 +36,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
+B_TAG = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}
 
 
@@ -76,6 +87,7 @@ def verify(h: _Hash, signature: bytes, key: dict[str, Any]) -> bool:
 
 
 def install() -> None:
-    """Make dkimpy (DKIM and ARC, signing and verifying) use `sign` and `verify`."""
+    """Make dkimpy (DKIM and ARC, signing and verifying) use `sign`, `verify` and `B_TAG`."""
     dkimpy.RSASSA_PKCS1_v1_5_sign = sign
     dkimpy.RSASSA_PKCS1_v1_5_verify = verify
+    dkimpy.RE_BTAG = B_TAG
