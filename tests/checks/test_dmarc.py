@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from mailward.checks import dmarc
 from mailward.core import pipeline
 from mailward.core.check import Context
 from mailward.core.outcomes import (
@@ -229,6 +230,39 @@ def test_warm_cache(resolver: Resolver, nameserver: Nameserver) -> None:
     for _ in range(5):
         evaluate(resolver, "a@mail.example.com", dkim="example.com")
     assert len(nameserver.queries) == before
+
+
+def test_a_record_is_parsed_once_while_its_answer_is_cached(
+        nameserver: Nameserver, monkeypatch: pytest.MonkeyPatch) -> None:
+    nameserver.load_zone('_dmarc.memo.example. 300 TXT "v=DMARC1; p=none"\n')
+
+    class Clock:
+        now = 1000.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    clock = Clock()
+    resolver = Resolver(DnsSettings(nameservers=(("127.0.0.1", nameserver.port),),
+                                    timeout=0.5, lifetime=1.0), clock=clock)
+    parsed: list[str] = []
+    real = dmarc.parse_record
+
+    def counted(text: str) -> dmarc.Record | None:
+        parsed.append(text)
+        return real(text)
+
+    monkeypatch.setattr(dmarc, "parse_record", counted)
+    for _ in range(3):
+        assert props(evaluate(resolver, "a@memo.example"))["dmarc"] == "none"
+    assert parsed == ["v=DMARC1; p=none"]
+    nameserver.clear()
+    nameserver.load_zone('_dmarc.memo.example. 300 TXT "v=DMARC1; p=reject"\n')
+    clock.now += 299
+    assert props(evaluate(resolver, "a@memo.example"))["dmarc"] == "none"
+    clock.now += 1  # the answer has expired, and the parsed record with it
+    assert props(evaluate(resolver, "a@memo.example"))["dmarc"] == "reject"
+    assert parsed[1:] == ["v=DMARC1; p=reject"]
 
 
 def _vectors() -> list[Any]:

@@ -166,6 +166,32 @@ def test_a_memo_is_capped_by_max_ttl_and_bounded_in_size(nameserver: Nameserver)
     assert r.memo.get("b") is None and r.memo.get("c") is None
 
 
+def test_what_uses_a_kept_result_is_kept_no_longer_than_it(nameserver: Nameserver) -> None:
+    nameserver.add("inner.example", "TXT", '"i"', ttl=60)
+    nameserver.add("outer.example", "TXT", '"o"', ttl=600)
+    nameserver.drop.add("slow.example")
+    r, _, _ = make(nameserver, timeout=0.2, lifetime=0.4)
+
+    def inner() -> tuple[bytes, ...]:
+        hit: tuple[bytes, ...] | None = r.memo.get("inner")
+        if hit is None:
+            with r.memo.tracing() as trace:
+                hit = r.txt("inner.example")
+            r.memo.put("inner", hit, trace)
+        return hit
+
+    for _ in range(2):  # computed, then given by the memo: both tell the outer trace
+        with r.memo.tracing() as outer:
+            r.txt("outer.example")
+            inner()
+        assert outer.expires == 1000 + 60 and not outer.spoiled
+    with r.memo.tracing() as outer:
+        with r.memo.tracing():
+            with pytest.raises(DnsTimeout):
+                r.txt("slow.example")
+    assert outer.spoiled
+
+
 @pytest.mark.parametrize("how", ["timeout", "servfail", "would wait", "not cached", "spoil"])
 def test_a_result_from_a_failed_or_uncached_lookup_is_not_kept(nameserver: Nameserver,
                                                                how: str) -> None:

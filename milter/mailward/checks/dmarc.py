@@ -182,10 +182,20 @@ class Settings:
 # -- discovery and alignment -----------------------------------------------------------------
 
 def _record_at(resolver: BoundResolver, domain: str) -> Record | None:
-    """The single DMARC record at _dmarc.domain; several are all discarded (§4.10 step 2)."""
-    records = [r for r in (parse_record(t.decode("utf-8", "replace"))
-                           for t in resolver.txt(f"_dmarc.{domain}")) if r is not None]
-    return records[0] if len(records) == 1 else None
+    """The single DMARC record at _dmarc.domain; several are all discarded (§4.10 step 2).
+
+    Parsed once for as long as its TXT answer is cached (the resolver's `Memo`)."""
+    memo = resolver.resolver.memo
+    key = (NAME, domain)
+    hit: tuple[Record | None] | None = memo.get(key)
+    if hit is not None:
+        return hit[0]
+    with memo.tracing() as trace:
+        records = [r for r in (parse_record(t.decode("utf-8", "replace"))
+                               for t in resolver.txt(f"_dmarc.{domain}")) if r is not None]
+    found = records[0] if len(records) == 1 else None
+    memo.put(key, (found,), trace)
+    return found
 
 
 def _next_target(labels: list[str]) -> list[str]:

@@ -122,17 +122,22 @@ class Memo:
                 del self._items[key]
                 return None
             self._items.move_to_end(key)
-            return hit[1]
+        _note(hit[0])  # a computation that uses this result read its answers too
+        return hit[1]
 
     @contextlib.contextmanager
     def tracing(self) -> Iterator[Trace]:
-        """Note, in the `Trace` yielded, what the lookups of this block read."""
+        """Note, in the `Trace` yielded, what the lookups of this block read (and in the
+        trace of an enclosing block as well)."""
         trace = Trace()
         token = _TRACE.set(trace)
         try:
             yield trace
         finally:
             _TRACE.reset(token)
+            _note(trace.expires)
+            if trace.spoiled:
+                spoil()
 
     def put(self, key: Any, value: Any, trace: Trace) -> bool:
         """Keep `value`, computed in `trace`'s block, unless the trace says not to."""
