@@ -203,14 +203,17 @@ def test_a_result_is_kept_as_long_as_the_records_it_read(
                                                                  "alice@example.com")
 
 
-def test_a_temperror_or_a_record_with_the_time_macro_is_not_kept(
+def test_a_temperror_a_time_macro_or_a_long_explanation_is_not_kept(
         nameserver: Nameserver, resolver: Resolver, evaluations: list[tuple[str, str]]) -> None:
     # %{t} may only be in an explanation (RFC 7208 §7.3), which is part of a fail result
     nameserver.load_zone(ZONE + 'clock.example. TXT "v=spf1 -all exp=why.clock.example"\n'
-                         'why.clock.example. TXT "refused at %{t}"\n')
+                         'why.clock.example. TXT "refused at %{t}"\n'
+                         'long.example. TXT "v=spf1 -all exp=why.long.example"\n'
+                         f'why.long.example. TXT "{"x" * 250}" "{"y" * 250}" "{"z" * 100}"\n')
     nameserver.drop.add("dropped.example")
     for sender, expected in (("bob@timeout.example", Result.TEMPERROR),
-                             ("bob@clock.example", Result.FAIL)):
+                             ("bob@clock.example", Result.FAIL),
+                             ("bob@long.example", Result.FAIL)):  # 600 characters: not kept
         for _ in range(2):
             result, _ = run("[check.spf]\ncheck_helo = no\n", resolver, mail_from=sender)
             assert result.result is expected

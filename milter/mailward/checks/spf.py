@@ -32,6 +32,7 @@ from mailward.services.dns import Memo, pyspf_installed, pyspf_scope
 NAME = "spf"
 ACTIONS = (Action.ACCEPT, Action.REJECT, Action.TEMPFAIL, Action.QUARANTINE)
 RESULTS = ("fail", "softfail", "neutral", "none", "permerror", "temperror")
+MAX_KEPT_EXPLANATION = 512  # characters; a sender's exp= text can be kilobytes
 _HOSTNAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+\.?")
 
 
@@ -82,7 +83,7 @@ def evaluate(*, ip: str, sender: str, helo: str, timeout: float,
     With a `memo`, a result is kept as long as every DNS answer it read (`services/dns.Memo`)
     and given again for the same IP, sender and HELO name without asking pyspf: the result
     depends on nothing else but the time macro, and a record using it is not kept. A
-    temperror is never kept."""
+    temperror is never kept, nor a result whose explanation (a sender's exp= text) is long."""
     if memo is None:
         return _evaluate(ip=ip, sender=sender, helo=helo, timeout=timeout)
     key = (NAME, ip, sender, helo)
@@ -91,7 +92,7 @@ def evaluate(*, ip: str, sender: str, helo: str, timeout: float,
         return hit
     with memo.tracing() as trace:
         outcome = _evaluate(ip=ip, sender=sender, helo=helo, timeout=timeout)
-    if outcome[0] is not Result.TEMPERROR:
+    if outcome[0] is not Result.TEMPERROR and len(outcome[1]) <= MAX_KEPT_EXPLANATION:
         memo.put(key, outcome, trace)
     return outcome
 
