@@ -1,9 +1,11 @@
 """The policy core alone: the full default chain on one typical inbound message, in-process.
 
-Run by hand:  .venv/bin/python bench/core.py [-n 2000] [--signed] [--profile]
+Run by hand:  .venv/bin/python bench/core.py [-n 2000] [--signed] [--senders] [--profile]
 
 With --signed the message carries a DKIM-Signature (rsa-sha256 2048, relaxed/relaxed) of its
-aligned domain, published on the loopback DNS server: the DKIM check verifies it.
+aligned domain, published on the loopback DNS server: the DKIM check verifies it. With
+--senders each message has an envelope sender of its own (n1@example.org, n2@…), so SPF is
+evaluated for every message instead of given again by the resolver's memo (services/dns.py).
 
 No MTA, no milter protocol: a loopback DNS server answers (warm cache after the first
 message), counters are in memory. Compare with bench/throughput.py's CPU per message to see
@@ -17,6 +19,7 @@ import collections
 import cProfile
 import dataclasses
 import ipaddress
+import itertools
 import pstats
 import sys
 import tempfile
@@ -44,6 +47,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=2000)
     ap.add_argument("--signed", action="store_true", help="a DKIM-signed message")
+    ap.add_argument("--senders", action="store_true", help="an envelope sender per message")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--sort", default="cumulative", help="profile order (cProfile key)")
     ap.add_argument("--top", type=int, default=25, help="profile lines")
@@ -71,8 +75,13 @@ def main() -> int:
     def observe(name: str, _result: object, seconds: float) -> None:
         per_check[name] += seconds
 
+    count = itertools.count()
+
     def one() -> None:
-        tx, _ = pipeline.evaluate(Stage.MAIL, base, snapshot, observe=observe)
+        tx = base
+        if args.senders:
+            tx = dataclasses.replace(base, mail_from=f"n{next(count)}@example.org")
+        tx, _ = pipeline.evaluate(Stage.MAIL, tx, snapshot, observe=observe)
         tx = dataclasses.replace(tx, recipients=("x@example.net",))
         pipeline.evaluate(Stage.RCPT, tx, snapshot, observe=observe)
         spool = Body(threshold=1 << 20)
