@@ -43,7 +43,7 @@ MESSAGE = (b"From: bench@example.org\r\nTo: x@example.net\r\nSubject: s\r\nMessa
            + (b"y" * 78 + b"\r\n") * 52)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=2000)
     ap.add_argument("--signed", action="store_true", help="a DKIM-signed message")
@@ -51,7 +51,11 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--sort", default="cumulative", help="profile order (cProfile key)")
     ap.add_argument("--top", type=int, default=25, help="profile lines")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     ns = Nameserver()
     ns.load_zone('example.org. TXT "v=spf1 ip4:127.0.0.1 -all"\n'
                  '_dmarc.example.org. TXT "v=DMARC1; p=reject"\n')
