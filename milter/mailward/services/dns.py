@@ -18,9 +18,10 @@ checks (and pyspf) contain every Exception; pyspf's bare `except:` can even swal
 is why the mark on the gate, not the exception, is what the pipeline reads.
 
 A `Memo` keeps results computed from DNS answers alone (the SPF result of an IP, sender and
-HELO name) for as long as every answer they read is still cached: inside `Memo.tracing()`,
-each lookup notes when its answer expires, and a lookup that fails, is refused or reads data
-that must not be reused (`Trace.spoil`) makes the result one not to keep.
+HELO name, a parsed DMARC record) for as long as every answer they read is still cached:
+inside `Memo.tracing()`, each lookup notes when its answer expires, and a lookup that fails,
+is refused or reads data that must not be reused (`spoil()`) makes the result one not to
+keep. Results built on kept results expire with them (traces nest).
 """
 
 from __future__ import annotations
@@ -77,9 +78,6 @@ class Trace:
 
     expires: float = math.inf
     spoiled: bool = False
-
-    def spoil(self) -> None:
-        self.spoiled = True
 
 
 _TRACE: contextvars.ContextVar[Trace | None] = contextvars.ContextVar("dns_trace", default=None)
