@@ -27,7 +27,7 @@ from mailward.core.ini import Section
 from mailward.core.outcomes import SpfIdentity, SpfOutcome, SpfScope
 from mailward.core.transaction import Direction, Stage, Transaction, domain_of
 from mailward.core.verdict import Action, CheckResult, Reply, Result
-from mailward.services.dns import Memo, pyspf_installed, pyspf_scope
+from mailward.services.dns import Memo, pyspf_installed, pyspf_scope, spoil
 
 NAME = "spf"
 ACTIONS = (Action.ACCEPT, Action.REJECT, Action.TEMPFAIL, Action.QUARANTINE)
@@ -82,8 +82,9 @@ def evaluate(*, ip: str, sender: str, helo: str, timeout: float,
 
     With a `memo`, a result is kept as long as every DNS answer it read (`services/dns.Memo`)
     and given again for the same IP, sender and HELO name without asking pyspf: the result
-    depends on nothing else but the time macro, and a record using it is not kept. A
-    temperror is never kept, nor a result whose explanation (a sender's exp= text) is long."""
+    depends on nothing else but the time macro and pyspf's own clock (`_evaluate`), and a
+    result either touched is not kept. A temperror is never kept, nor a result whose
+    explanation (a sender's exp= text) is long."""
     if memo is None:
         return _evaluate(ip=ip, sender=sender, helo=helo, timeout=timeout)
     key = (NAME, ip, sender, helo)
@@ -98,9 +99,14 @@ def evaluate(*, ip: str, sender: str, helo: str, timeout: float,
 
 
 def _evaluate(*, ip: str, sender: str, helo: str, timeout: float) -> tuple[Result, str]:
+    """pyspf's evaluation. Once its `querytime` is spent, pyspf refuses further lookups
+    itself (TempError), unseen by the resolver, and its bare except around exp= swallows
+    that: the fail then carries the default explanation. Such a result is the moment's."""
     try:
         q = pyspf.query(i=ip, s=sender, h=helo, querytime=timeout)
         word, _, explanation = q.check()
+        if q.querytime < 0:
+            spoil()
     except pyspf.TempError as exc:  # raised outside check() for some inputs
         return Result.TEMPERROR, str(exc)
     except pyspf.PermError as exc:
