@@ -265,6 +265,22 @@ def test_a_record_is_parsed_once_while_its_answer_is_cached(
     assert parsed[1:] == ["v=DMARC1; p=reject"]
 
 
+def test_a_long_record_is_not_kept(resolver: Resolver, nameserver: Nameserver) -> None:
+    # a sender's zone can answer every _dmarc name with a 60 kB record (over TCP); parsed,
+    # "rua=ab,ab,…" is 20 000 strings, over a megabyte kept per name: with the memo's 10 000
+    # entries, gigabytes. Past its one message, such a record is not worth keeping.
+    uris = ",".join(["ab"] * 20000)
+    chunks = " ".join(f'"{uris[i:i + 250]}"' for i in range(0, len(uris), 250))
+    nameserver.add("_dmarc.big.example", "TXT", f'"v=DMARC1; p=reject; rua=" {chunks}')
+    nameserver.add("_dmarc.small.example", "TXT", '"v=DMARC1; p=reject; rua=" '
+                   f'"{uris[:240]}" "{uris[240:480]}"')
+    for _ in range(2):
+        assert props(evaluate(resolver, "a@big.example"))["dmarc"] == "reject"
+    assert len(resolver.memo) == 1  # example (the walk up), not big.example itself
+    assert props(evaluate(resolver, "a@small.example"))["dmarc"] == "reject"
+    assert len(resolver.memo) == 2  # small.example: a record of usual size is kept
+
+
 def _vectors() -> list[Any]:
     data = json.loads((VECTORS / "dmarc_parse_vectors.json").read_text())
     return [pytest.param(v, id=f"opendmarc-{v['n']}") for v in data["vectors"]]

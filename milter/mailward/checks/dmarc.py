@@ -58,6 +58,7 @@ NAME = "dmarc"
 POLICIES = ("none", "quarantine", "reject")
 MAX_WALK_LABELS = 7  # §4.10 step 4: longer names are cut to 7 labels, 8 queries at most
 MAX_RUA = 4  # rua destinations kept for reports (RFC 9990 lets a receiver send to fewer)
+MAX_KEPT_RECORD = 512  # octets of TXT; a sender's record can be 60 kB, a megabyte parsed
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:\S+")
 
 log = logging.getLogger(__name__)
@@ -184,17 +185,20 @@ class Settings:
 def _record_at(resolver: BoundResolver, domain: str) -> Record | None:
     """The single DMARC record at _dmarc.domain; several are all discarded (§4.10 step 2).
 
-    Parsed once for as long as its TXT answer is cached (the resolver's `Memo`)."""
+    Parsed once for as long as its TXT answer is cached (the resolver's `Memo`), unless it is
+    long: parsed, a sender's 60 kB "rua=ab,ab,…" is 20 000 strings, over a megabyte, and
+    the memo holds as many entries as the DNS cache."""
     memo = resolver.resolver.memo
     key = (NAME, domain)
     hit: tuple[Record | None] | None = memo.get(key)
     if hit is not None:
         return hit[0]
     with memo.tracing() as trace:
-        records = [r for r in (parse_record(t.decode("utf-8", "replace"))
-                               for t in resolver.txt(f"_dmarc.{domain}")) if r is not None]
-    found = records[0] if len(records) == 1 else None
-    memo.put(key, (found,), trace)
+        records = [(r, len(t)) for t in resolver.txt(f"_dmarc.{domain}")
+                   if (r := parse_record(t.decode("utf-8", "replace"))) is not None]
+    found, size = records[0] if len(records) == 1 else (None, 0)
+    if size <= MAX_KEPT_RECORD:
+        memo.put(key, (found,), trace)
     return found
 
 
