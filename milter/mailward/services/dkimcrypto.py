@@ -22,7 +22,10 @@ folding white space matches exactly the runs of white space, empty ones included
 b= value, white space runs each followed by one base64 character, is the longest run of
 white space and base64 characters up to its last base64 character, which `B_TAG` says
 directly instead of through nested optional groups. tests/test_properties.py compares the
-two on arbitrary input.
+two on arbitrary input. It is also linear where dkimpy's is not: `;b=A` and 40,000 CRLFs
+take dkimpy's 80 s (helper-23's measurement; our field bounds keep such input away from it).
+Only dkimpy's expression as we know it is replaced (`DKIMPY_B_TAG`): another one, from a
+dkimpy we have not compared, stays.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
+DKIMPY_B_TAG = (rb"([;\s]b(?:(?:\s*\r?\n)?\s+)?=)(?:(?:(?:\s*\r?\n)?\s+)?[a-zA-Z0-9+/=])*"
+                rb"(?:\r?\n\Z)?")
 B_TAG = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}
 
@@ -90,4 +95,6 @@ def install() -> None:
     """Make dkimpy (DKIM and ARC, signing and verifying) use `sign`, `verify` and `B_TAG`."""
     dkimpy.RSASSA_PKCS1_v1_5_sign = sign
     dkimpy.RSASSA_PKCS1_v1_5_verify = verify
-    dkimpy.RE_BTAG = B_TAG
+    original = getattr(dkimpy, "RE_BTAG", None)
+    if original is not None and original.pattern == DKIMPY_B_TAG:
+        dkimpy.RE_BTAG = B_TAG
