@@ -71,6 +71,22 @@ def test_positive_answers_are_cached_for_their_ttl(nameserver: Nameserver) -> No
     assert nameserver.count("cached.example", "TXT") == 2
 
 
+def test_an_answer_through_a_cname_is_cached_for_the_shortest_ttl_of_the_chain(
+        nameserver: Nameserver) -> None:
+    nameserver.load_zone("alias.example. 60 CNAME target.example.\n"
+                         'target.example. 3600 TXT "x"\n'
+                         "empty.example. 30 CNAME target.example.\n")
+    r, _, clock = make(nameserver)
+    assert r.txt("alias.example") == (b"x",)
+    assert r.query("empty.example", "MX") == ()  # NODATA at the end of the chain
+    clock.now += 31
+    r.query("empty.example", "MX")
+    assert nameserver.count("empty.example", "MX") == 2
+    clock.now += 29
+    r.txt("alias.example")  # the CNAME's 60 s have passed, not the TXT record's hour
+    assert nameserver.count("alias.example", "TXT") == 2
+
+
 def test_negative_answers_are_cached_for_the_soa_minimum(nameserver: Nameserver) -> None:
     nameserver.add("exists.example", "A", "192.0.2.1")
     r, metrics, clock = make(nameserver)

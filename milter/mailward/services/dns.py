@@ -292,12 +292,14 @@ class Resolver:
             if budget is not None:
                 budget.charge(time.perf_counter() - start)
         elapsed = time.perf_counter() - start
+        # an answer reached through CNAMEs is good for as long as every link of the chain
+        chain_ttl = int(answer.chaining_result.minimum_ttl)
         if answer.rrset is None:
-            self._store(key, (), self._negative_ttl([answer.response]), now)
+            self._store(key, (), min(self._negative_ttl([answer.response]), chain_ttl), now)
             self._count(rtype, "nodata", elapsed)
             return ()
         records = tuple(answer.rrset)
-        self._store(key, records, answer.rrset.ttl, now)
+        self._store(key, records, chain_ttl, now)
         self._count(rtype, "ok", elapsed)
         return records
 
