@@ -188,17 +188,13 @@ def _record_at(resolver: BoundResolver, domain: str) -> Record | None:
     Parsed once for as long as its TXT answer is cached (the resolver's `Memo`), unless it is
     long: parsed, a sender's 60 kB "rua=ab,ab,…" is 20 000 strings, over a megabyte, and
     the memo holds as many entries as the DNS cache."""
-    memo = resolver.resolver.memo
-    key = (NAME, domain)
-    hit: tuple[Record | None] | None = memo.get(key)
-    if hit is not None:
-        return hit[0]
-    with memo.tracing() as trace:
+    def parsed() -> tuple[Record | None, int]:
         records = [(r, len(t)) for t in resolver.txt(f"_dmarc.{domain}")
                    if (r := parse_record(t.decode("utf-8", "replace"))) is not None]
-    found, size = records[0] if len(records) == 1 else (None, 0)
-    if size <= MAX_KEPT_RECORD:
-        memo.put(key, (found,), trace)
+        return records[0] if len(records) == 1 else (None, 0)
+
+    found, _ = resolver.resolver.memo.compute((NAME, domain), parsed,
+                                              lambda got: got[1] <= MAX_KEPT_RECORD)
     return found
 
 

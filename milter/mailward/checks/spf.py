@@ -85,17 +85,13 @@ def evaluate(*, ip: str, sender: str, helo: str, timeout: float,
     depends on nothing else but the time macro and pyspf's own clock (`_evaluate`), and a
     result either touched is not kept. A temperror is never kept, nor a result whose
     explanation (a sender's exp= text) is long."""
-    if memo is None:
+    def make() -> tuple[Result, str]:
         return _evaluate(ip=ip, sender=sender, helo=helo, timeout=timeout)
-    key = (NAME, ip, sender, helo)
-    hit: tuple[Result, str] | None = memo.get(key)
-    if hit is not None:
-        return hit
-    with memo.tracing() as trace:
-        outcome = _evaluate(ip=ip, sender=sender, helo=helo, timeout=timeout)
-    if outcome[0] is not Result.TEMPERROR and len(outcome[1]) <= MAX_KEPT_EXPLANATION:
-        memo.put(key, outcome, trace)
-    return outcome
+
+    if memo is None:
+        return make()
+    return memo.compute((NAME, ip, sender, helo), make, lambda outcome: (
+        outcome[0] is not Result.TEMPERROR and len(outcome[1]) <= MAX_KEPT_EXPLANATION))
 
 
 def _evaluate(*, ip: str, sender: str, helo: str, timeout: float) -> tuple[Result, str]:

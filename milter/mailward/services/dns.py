@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import dns.exception
 import dns.nameserver
@@ -81,6 +81,7 @@ class Trace:
 
 
 _TRACE: contextvars.ContextVar[Trace | None] = contextvars.ContextVar("dns_trace", default=None)
+T = TypeVar("T")
 
 
 def _note(expires: float) -> None:
@@ -136,6 +137,18 @@ class Memo:
             _note(trace.expires)
             if trace.spoiled:
                 spoil()
+
+    def compute(self, key: Any, make: Callable[[], T], keep: Callable[[T], bool]) -> T:
+        """The value kept for `key`, or `make()`'s, made in a tracing block and kept if
+        `keep` says it may be and the trace allows."""
+        hit = self.get(key)
+        if hit is not None:
+            return cast(T, hit[0])
+        with self.tracing() as trace:
+            value = make()
+        if keep(value):
+            self.put(key, (value,), trace)
+        return value
 
     def put(self, key: Any, value: Any, trace: Trace) -> bool:
         """Keep `value`, computed in `trace`'s block, unless the trace says not to."""
