@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import configparser
+import functools
 import gzip
+import hashlib
 import json
 import re
 import struct
+import tempfile
 from typing import Any
 
 import dkim as dkimpy
 import Milter
+from dkim import crypto as dkim_crypto
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -38,7 +42,7 @@ from mailward.errors import ConfigError
 from mailward.reports.aggregate import ReportError
 from mailward.reports.aggregate import parse as parse_report
 from mailward.reports.unpack import attachments, xml_of
-from mailward.services import dkimcrypto
+from mailward.services import dkimcrypto, keys
 from mailward.services.dns import Budget
 from mailward.services.metrics import STS_FETCHES
 from mailward.sts import netstring
@@ -595,3 +599,38 @@ def test_our_b_tag_expression_empties_what_dkimpys_does(field: bytes) -> None:
     assert dkimpy.RE_BTAG is dkimcrypto.B_TAG  # replaced, being the expression we compare
     assert DKIMPY_BTAG.pattern == dkimcrypto.DKIMPY_B_TAG
     assert dkimcrypto.B_TAG.sub(rb"\1", field) == DKIMPY_BTAG.sub(rb"\1", field)
+
+
+@functools.cache
+def rsa_1024() -> dict[str, int]:
+    """dkimpy's private key dictionary for a new 1024-bit key (once per run)."""
+    with tempfile.TemporaryDirectory() as d:
+        material = keys.generate(domain="example.com", selector="s", bits=1024,
+                                 directory=d).material
+    return dict(dkim_crypto.parse_pem_private_key(material))
+
+
+@given(st.binary(max_size=140),
+       st.lists(st.tuples(st.integers(0, 127), st.integers(0, 255)), max_size=3),
+       st.booleans())
+@example(b"", [(1, 2)], True)  # block type 2
+@example(b"", [(127, 0)], True)  # the last octet of the digest
+def test_rsa_verification_agrees_with_openssl(raw: bytes, edits: list[tuple[int, int]],
+                                              shaped: bool) -> None:
+    """dkimcrypto.verify (our exponentiation) against OpenSSL's verification, on signatures
+    as sent (arbitrary bytes) and on blocks a forger signs: the encoding with a few octets
+    changed."""
+    private = rsa_1024()
+    n, e = int(private["modulus"]), int(private["publicExponent"])
+    h = hashlib.sha256(b"signed fields")
+    public = {"modulus": n, "publicExponent": e}
+    signature = raw
+    if shaped:
+        info = dkimcrypto.DIGEST_INFO["sha256"] + h.digest()
+        block = bytearray(b"\0\1" + b"\xff" * (128 - len(info) - 3) + b"\0" + info)
+        for index, value in edits:
+            block[index] = value
+        m = int.from_bytes(block, "big") % n
+        signature = pow(m, int(private["privateExponent"]), n).to_bytes(128, "big")
+    ours = dkimcrypto.verify(h, signature, public)  # type: ignore[arg-type]
+    assert ours == dkimcrypto._openssl_verify(h, signature, n, e)  # type: ignore[arg-type]
