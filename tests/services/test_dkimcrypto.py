@@ -157,6 +157,27 @@ def test_invalid_key_numbers_are_a_value_error_as_in_cryptography() -> None:
                 dkimcrypto._openssl_verify(h, b"\1" * 256, modulus, exponent)  # type: ignore[arg-type]
 
 
+def test_an_even_modulus_verifies_nothing_as_in_openssl(
+        key: tuple[dict[str, int], dict[str, int]]) -> None:
+    """An even modulus is no RSA key (RFC 8017 §3.1: a product of odd primes), yet s^e mod n
+    can still equal the encoding: OpenSSL (Montgomery arithmetic, odd moduli only) verifies
+    no signature under it, and neither may we, though the key's publisher can compute one."""
+    private, _ = key
+    n, e, d = (int(private[k]) for k in ("modulus", "publicExponent", "privateExponent"))
+    even = 2 * n
+    h = hashlib.sha256(b"signed under an even modulus")
+    size = (even.bit_length() + 7) // 8
+    info = dkimcrypto.DIGEST_INFO["sha256"] + h.digest()
+    m = int.from_bytes(b"\0\1" + b"\xff" * (size - len(info) - 3) + b"\0" + info, "big")
+    s = pow(m, d, n)
+    s += n if (s - m) % 2 else 0  # s = m^d mod n and s = m mod 2: s^e = m mod 2n
+    assert pow(s, e, even) == m
+    sig = s.to_bytes(size, "big")
+    public = {"modulus": even, "publicExponent": e}
+    assert not dkimcrypto._openssl_verify(h, sig, even, e)  # type: ignore[arg-type]
+    assert not dkimcrypto.verify(h, sig, public)  # type: ignore[arg-type]
+
+
 def test_a_key_over_our_bounds_is_verified_by_openssl(
         key: tuple[dict[str, int], dict[str, int]], monkeypatch: pytest.MonkeyPatch) -> None:
     """A 40-bit public exponent (valid, never published) or a modulus over 4096 bits would

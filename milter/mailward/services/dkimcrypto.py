@@ -19,7 +19,9 @@ arguments (dkimpy's hash object, its key dictionaries) and the same results:
   17, 65537: every key seen in practice), at most 0.7 ms each. A larger key or exponent, which
   nobody publishes but a hostile sender could (up to 100 ARC verifications per message), goes
   to OpenSSL as before, so its cost stays OpenSSL's. Invalid key numbers are a ValueError
-  (which the checks make a permerror) on both paths, as `cryptography` raises it;
+  (which the checks make a permerror) on both paths, as `cryptography` raises it; an even
+  modulus, which `cryptography` accepts but OpenSSL verifies nothing under, verifies nothing
+  here either (its publisher could make s^e mod n equal the encoding);
 - signing (`sign`) is deterministic (RFC 8017 §8.2), so our signature is byte for byte
   dkimpy's (the tests compare them). It is OpenSSL's, through `cryptography`, imported at the
   first signature: a milter that only verifies never loads it.
@@ -90,8 +92,8 @@ def verify(h: _Hash, signature: bytes, key: dict[str, Any]) -> bool:
     if size < len(digest_info) + 11:
         raise ValueError("RSA modulus too short for the digest")  # RFC 8017 §9.2 step 3
     s = int.from_bytes(signature, "big")
-    if len(signature) > size or s >= n:
-        return False
+    if len(signature) > size or s >= n or n % 2 == 0:
+        return False  # an even n is no RSA key (§3.1): OpenSSL verifies nothing under it
     expected = b"\0\1" + b"\xff" * (size - len(digest_info) - 3) + b"\0" + digest_info
     return pow(s, e, n).to_bytes(size, "big") == expected
 
