@@ -15,13 +15,14 @@ arguments (dkimpy's hash object, its key dictionaries) and the same results:
   per RSA-2048 verification against OpenSSL's 0.025 (through `cryptography`): we give up
   0.1 ms per signature for the 4.7 MiB of resident memory that `cryptography` costs on
   Debian 12 (its OpenSSL backend and x509 modules, which it loads at the first use of a key)
-  and 7 MiB from its wheel. That holds for keys of up to 4096 bits with e up to 17 bits (3,
-  17, 65537: every key seen in practice), at most 0.7 ms each. A larger key or exponent, which
-  nobody publishes but a hostile sender could (up to 100 ARC verifications per message), goes
-  to OpenSSL as before, so its cost stays OpenSSL's. Invalid key numbers are a ValueError
-  (which the checks make a permerror) on both paths, as `cryptography` raises it; an even
-  modulus, which `cryptography` accepts but OpenSSL verifies nothing under, verifies nothing
-  here either (its publisher could make s^e mod n equal the encoding);
+  and 7 MiB from its wheel. That holds for keys of up to 4096 bits with e up to 17 bits and
+  at most two one bits (3, 17, 65537: every key seen in practice), at most 0.7 ms each. A
+  larger key or other exponent, which nobody publishes but a hostile sender could (up to 100
+  ARC verifications per message), goes to OpenSSL as before, so its cost stays OpenSSL's.
+  Invalid key numbers are a ValueError (which the checks make a permerror) on both paths, as
+  `cryptography` raises it; an even modulus, which `cryptography` accepts but OpenSSL
+  verifies nothing under, verifies nothing here either (its publisher could make s^e mod n
+  equal the encoding);
 - signing (`sign`) is deterministic (RFC 8017 §8.2), so our signature is byte for byte
   dkimpy's (the tests compare them). It is OpenSSL's, through `cryptography`, imported at the
   first signature: a milter that only verifies never loads it.
@@ -63,6 +64,7 @@ DIGEST_INFO = {"sha256": bytes.fromhex("3031300d060960864801650304020105000420")
 # modulus or exponent (allowed, never seen: a hostile key) goes to OpenSSL, whose bounds cap it
 POW_MODULUS_BITS = 4096  # RFC 8301 §3.2: what verifiers must support
 POW_EXPONENT_BITS = 17  # 3, 17, 65537
+POW_EXPONENT_ONES = 2  # pow multiplies once per one bit: 2^17 - 1 would cost 1.9 ms, not 0.7
 
 
 class _Hash(Protocol):
@@ -84,7 +86,8 @@ def check_public(n: int, e: int) -> None:
 def verify(h: _Hash, signature: bytes, key: dict[str, Any]) -> bool:
     """Whether `signature` is RSASSA-PKCS1-v1_5 over `h`'s digest for dkimpy's public key."""
     n, e = int(key["modulus"]), int(key["publicExponent"])
-    if n.bit_length() > POW_MODULUS_BITS or e.bit_length() > POW_EXPONENT_BITS:
+    if n.bit_length() > POW_MODULUS_BITS or e.bit_length() > POW_EXPONENT_BITS \
+            or e.bit_count() > POW_EXPONENT_ONES:
         return _openssl_verify(h, signature, n, e)
     check_public(n, e)
     size = (n.bit_length() + 7) // 8
