@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import random
 import re
 import subprocess
 import time
@@ -17,6 +18,8 @@ import dns.rdatatype
 import dns.rdtypes.ANY.TXT
 import nacl.signing
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mailward.core import dkimglue
 from mailward.core.dkimglue import message_bytes
@@ -41,6 +44,14 @@ def rsa_key(bits: int) -> tuple[bytes, str]:
     der = subprocess.run(["openssl", "rsa", "-pubout", "-outform", "DER"], input=pem,
                          capture_output=True, check=True).stdout
     return pem, base64.b64encode(der).decode()
+
+
+@cache
+def public_der(bits: int, e: int) -> str:
+    """Base64 DER of an RSA public key with a random odd modulus: a hostile key record."""
+    n = random.Random(bits).getrandbits(bits) | 1 | 1 << (bits - 1)
+    return base64.b64encode(rsa.RSAPublicNumbers(e, n).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).decode()
 
 
 @cache
@@ -75,6 +86,9 @@ def resolver(nameserver: Nameserver) -> Iterator[Resolver]:
     publish(nameserver, "wrongtype._domainkey.example.com",
             f"v=DKIM1; k=ed25519; p={rsa_key(2048)[1]}")
     publish(nameserver, "garbage._domainkey.example.com", "v=DKIM1; p=!!!notbase64")
+    publish(nameserver, "huge._domainkey.example.com", f"v=DKIM1; p={public_der(8200, 65537)}")
+    publish(nameserver, "wide-e._domainkey.example.com",
+            f"v=DKIM1; p={public_der(2048, (1 << 64) + 1)}")
     nameserver.drop.add("slow._domainkey.example.com")
     # 1 s: an answer late on a busy machine (loopback answers took up to 0.9 s once under
     # load) must not become a temperror; the dropped names cost that second each
@@ -170,6 +184,9 @@ def test_added_from_header_fails(resolver: Resolver) -> None:
     ("wrongtype", "example.com", ("permerror", "key type ed25519 does not match a=rsa-sha256")),
     ("garbage", "example.com", ("permerror", None)),
     ("rsa512", "example.com", ("fail", "RSA key of 512 bits (RFC 8301)")),
+    ("huge", "example.com", ("permerror", "cannot verify: RSA key of 8200 bits, over 8192")),
+    ("wide-e", "example.com", ("permerror",
+                               "cannot verify: RSA public exponent of 65 bits, over 64")),
 ])
 def test_key_problems(resolver: Resolver, selector: str, domain: str,
                       expected: tuple[str, str | None]) -> None:

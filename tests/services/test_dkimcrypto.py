@@ -243,3 +243,29 @@ def test_a_verifying_milter_never_loads_cryptography(
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True).stdout
     assert out.split() == ["True", "[]"]
+
+
+def test_keys_over_the_cost_bounds_are_not_verified(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key over 8192 bits or an exponent over 64 bits is a ValueError (a permerror in the
+    checks): OpenSSL would verify it at up to 7.8 ms, and an ARC chain asks for 100."""
+    h = hashlib.sha256(b"x")
+    rng = random.Random(13)
+
+    def odd(bits: int) -> int:
+        return rng.getrandbits(bits) | 1 | 1 << (bits - 1)
+
+    calls: list[int] = []
+
+    def openssl(_h: object, _s: bytes, n: int, _e: int) -> bool:
+        calls.append(n.bit_length())
+        return False
+
+    monkeypatch.setattr(dkimcrypto, "_openssl_verify", openssl)
+    for n, e in ((odd(8193), 65537), (odd(16384), 3), (odd(2048), (1 << 64) + 1),
+                 (odd(3072), odd(3070))):
+        with pytest.raises(ValueError, match="over"):
+            dkimcrypto.verify(h, b"\1" * 16, {"modulus": n, "publicExponent": e})  # type: ignore[arg-type]
+    assert calls == []
+    for n, e in ((odd(8192), 65537), (odd(2048), (1 << 64) - 1)):  # at the bounds: verified
+        assert not dkimcrypto.verify(h, b"\1" * 16, {"modulus": n, "publicExponent": e})  # type: ignore[arg-type]
+    assert calls == [8192, 2048]

@@ -20,9 +20,10 @@ arguments (dkimpy's hash object, its key dictionaries) and the same results:
   larger key or other exponent, which nobody publishes but a hostile sender could (up to 100
   ARC verifications per message), goes to OpenSSL as before, so its cost stays OpenSSL's.
   Invalid key numbers are a ValueError (which the checks make a permerror) on both paths, as
-  `cryptography` raises it; an even modulus, which `cryptography` accepts but OpenSSL
-  verifies nothing under, verifies nothing here either (its publisher could make s^e mod n
-  equal the encoding);
+  `cryptography` raises it, and so is a key over 8192 bits or an exponent over 64 bits,
+  which OpenSSL would verify at up to 7.8 ms each (`MAX_MODULUS_BITS`). An even modulus,
+  which `cryptography` accepts but OpenSSL verifies nothing under, verifies nothing here
+  either (its publisher could make s^e mod n equal the encoding);
 - signing (`sign`) is deterministic (RFC 8017 §8.2), so our signature is byte for byte
   dkimpy's (the tests compare them). It is OpenSSL's, through `cryptography`, imported at the
   first signature: a milter that only verifies never loads it.
@@ -65,6 +66,13 @@ DIGEST_INFO = {"sha256": bytes.fromhex("3031300d060960864801650304020105000420")
 POW_MODULUS_BITS = 4096  # RFC 8301 §3.2: what verifiers must support
 POW_EXPONENT_BITS = 17  # 3, 17, 65537
 POW_EXPONENT_ONES = 2  # pow multiplies once per one bit: 2^17 - 1 would cost 1.9 ms, not 0.7
+# Keys verified at all. OpenSSL's own bounds (16384 bits; a 64-bit e above 3072 bits) let one
+# verification cost 5.5 ms (16384 bits, 64-bit e) or 7.8 ms (3072 bits, 3070-bit e), and an
+# ARC chain asks for up to 100: a second of CPU per message from one hostile sender's key.
+# RFC 8301 §3.2: verifiers must handle 1024 to 4096 bits, may handle more. At these bounds
+# one verification costs at most 1.5 ms (8192 bits, 64-bit e).
+MAX_MODULUS_BITS = 8192
+MAX_EXPONENT_BITS = 64  # OpenSSL's own bound above 3072 bits; published keys use 17 at most
 
 
 class _Hash(Protocol):
@@ -86,6 +94,11 @@ def check_public(n: int, e: int) -> None:
 def verify(h: _Hash, signature: bytes, key: dict[str, Any]) -> bool:
     """Whether `signature` is RSASSA-PKCS1-v1_5 over `h`'s digest for dkimpy's public key."""
     n, e = int(key["modulus"]), int(key["publicExponent"])
+    if n.bit_length() > MAX_MODULUS_BITS:
+        raise ValueError(f"RSA key of {n.bit_length()} bits, over {MAX_MODULUS_BITS}")
+    if e.bit_length() > MAX_EXPONENT_BITS:
+        raise ValueError(f"RSA public exponent of {e.bit_length()} bits, over "
+                         f"{MAX_EXPONENT_BITS}")
     if n.bit_length() > POW_MODULUS_BITS or e.bit_length() > POW_EXPONENT_BITS \
             or e.bit_count() > POW_EXPONENT_ONES:
         return _openssl_verify(h, signature, n, e)
