@@ -18,7 +18,7 @@ arguments (dkimpy's hash object, its key dictionaries) and the same results:
   and 7 MiB from its wheel. That holds for keys of up to 4096 bits with e up to 17 bits and
   at most two one bits (3, 17, 65537: every key seen in practice), at most 0.7 ms each. A
   larger key or other exponent, which nobody publishes but a hostile sender could (up to 100
-  ARC verifications per message), goes to OpenSSL as before, so its cost stays OpenSSL's.
+  ARC verifications per message), goes to OpenSSL as before.
   Invalid key numbers are a ValueError (which the checks make a permerror) on both paths, as
   `cryptography` raises it, and so is a key over 8192 bits or an exponent over 64 bits,
   which OpenSSL would verify at up to 7.8 ms each (`MAX_MODULUS_BITS`). An even modulus,
@@ -62,7 +62,8 @@ B_TAG = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z
 DIGEST_INFO = {"sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
                "sha1": bytes.fromhex("3021300906052b0e03021a05000414")}
 # Keys `verify` raises to e itself: at most 0.7 ms each (4096 bits, e = 65537). A larger
-# modulus or exponent (allowed, never seen: a hostile key) goes to OpenSSL, whose bounds cap it
+# modulus or other exponent (allowed, never seen: a hostile key) goes to OpenSSL, up to the
+# MAX_ bounds below
 POW_MODULUS_BITS = 4096  # RFC 8301 §3.2: what verifiers must support
 POW_EXPONENT_BITS = 17  # 3, 17, 65537
 POW_EXPONENT_ONES = 2  # pow multiplies once per one bit: 2^17 - 1 would cost 1.9 ms, not 0.7
