@@ -79,12 +79,13 @@ MAX_EXPONENT_BITS = 64  # OpenSSL's own bound above 3072 bits; published keys us
 class _Hash(Protocol):
     """dkimpy's hash objects (hashlib's, or its HashThrough wrapper)."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def digest(self) -> bytes: ...
 
 
-def check_public(n: int, e: int) -> None:
+def _check_public(n: int, e: int) -> None:
     """ValueError unless (n, e) is an RSA public key, as `cryptography` checks it."""
     if n < 3:
         raise ValueError("RSA modulus must be >= 3")
@@ -103,16 +104,21 @@ def verify(h: _Hash, signature: bytes, key: dict[str, Any]) -> bool:
     if n.bit_length() > POW_MODULUS_BITS or e.bit_length() > POW_EXPONENT_BITS \
             or e.bit_count() > POW_EXPONENT_ONES:
         return _openssl_verify(h, signature, n, e)
-    check_public(n, e)
+    _check_public(n, e)
     size = (n.bit_length() + 7) // 8
-    digest_info = DIGEST_INFO[h.name.lower()] + h.digest()
-    if size < len(digest_info) + 11:
-        raise ValueError("RSA modulus too short for the digest")  # RFC 8017 §9.2 step 3
+    expected = encoding(h, size)
     s = int.from_bytes(signature, "big")
     if len(signature) > size or s >= n or n % 2 == 0:
         return False  # an even n is no RSA key (§3.1): OpenSSL verifies nothing under it
-    expected = b"\0\1" + b"\xff" * (size - len(digest_info) - 3) + b"\0" + digest_info
     return pow(s, e, n).to_bytes(size, "big") == expected
+
+
+def encoding(h: _Hash, size: int) -> bytes:
+    """The EMSA-PKCS1-v1_5 encoding of `h`'s digest in `size` octets (RFC 8017 §9.2)."""
+    digest_info = DIGEST_INFO[h.name.lower()] + h.digest()
+    if size < len(digest_info) + 11:
+        raise ValueError("RSA modulus too short for the digest")  # §9.2 step 3
+    return b"\0\1" + b"\xff" * (size - len(digest_info) - 3) + b"\0" + digest_info
 
 
 def _openssl_verify(h: _Hash, signature: bytes, n: int, e: int) -> bool:
